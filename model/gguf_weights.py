@@ -1,0 +1,53 @@
+"""Read a GGUF written by `convert/` into numpy: metadata and float32 tensors."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import gguf
+import numpy as np
+
+
+@dataclass
+class GGUFWeights:
+    arch: str
+    metadata: dict[str, object]   # key -> Python value (str, int, float, bool, list)
+    tensors: dict[str, np.ndarray]  # name -> float32 array in numpy (PyTorch) order
+
+    def get(self, key: str) -> object:
+        """Metadata under `<arch>.<key>`; a clear error when the file lacks it."""
+        full = f"{self.arch}.{key}"
+        if full not in self.metadata:
+            raise KeyError(f"GGUF is missing metadata {full!r}")
+        return self.metadata[full]
+
+    def tensor(self, name: str) -> np.ndarray:
+        if name not in self.tensors:
+            raise KeyError(f"GGUF is missing tensor {name!r}")
+        return self.tensors[name]
+
+
+def _field_value(field: gguf.ReaderField) -> object:
+    kind = field.types[0]
+    if kind == gguf.GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    if kind == gguf.GGUFValueType.ARRAY:
+        if field.types[1] == gguf.GGUFValueType.STRING:
+            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+        return [field.parts[i].tolist()[0] for i in field.data]
+    value = field.parts[field.data[0]].tolist()[0]
+    return bool(value) if kind == gguf.GGUFValueType.BOOL else value
+
+
+def load_gguf(path: str | os.PathLike) -> GGUFWeights:
+    """All tensors dequantized to float32, shaped as numpy/PyTorch arrays."""
+    reader = gguf.GGUFReader(path)
+    metadata = {name: _field_value(field) for name, field in reader.fields.items()
+                if not name.startswith("GGUF.")}
+    tensors = {}
+    for t in reader.tensors:
+        shape = tuple(int(n) for n in reversed(t.shape))  # ggml ne order -> numpy order
+        data = gguf.quants.dequantize(t.data, t.tensor_type)
+        tensors[t.name] = np.asarray(data, dtype=np.float32).reshape(shape)
+    arch = str(metadata.get("general.architecture", ""))
+    return GGUFWeights(arch=arch, metadata=metadata, tensors=tensors)
