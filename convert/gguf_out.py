@@ -6,14 +6,21 @@ Every GGUF this project writes (decoder, LoRA adapters, encoders) goes through
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import gguf
 import numpy as np
+from tqdm import tqdm
 
 # Storage types a user can ask for, and how each float tensor is stored.
 OUTTYPES = ("f32", "f16", "q8_0")
+
+_PLAIN = {
+    gguf.GGMLQuantizationType.F32: np.dtype(np.float32),
+    gguf.GGMLQuantizationType.F16: np.dtype(np.float16),
+}
 
 
 def storage_type(name: str, shape: tuple[int, ...], outtype: str) -> gguf.GGMLQuantizationType:
@@ -39,35 +46,53 @@ def encode_tensor(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndar
     return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
 
 
+@dataclass
+class TensorSource:
+    """A tensor to write: its name, numpy shape, and a loader called once while writing."""
+    name: str
+    shape: tuple[int, ...]
+    load: Callable[[], np.ndarray]
+
+
 def write_gguf(
     path: str | os.PathLike,
     arch: str,
     metadata: Callable[[gguf.GGUFWriter], None],
-    tensors: Iterable[tuple[str, Callable[[], np.ndarray]]],
+    tensors: Iterable[TensorSource],
     outtype: str = "f32",
     progress: bool = True,
 ) -> Path:
-    """Write a GGUF at `path` via `path.tmp`.
+    """Write a GGUF at `path` via `path.tmp`, streaming one tensor at a time.
 
-    `metadata(writer)` adds the key/values; `tensors` yields (name, load) pairs whose
-    `load()` returns the float array, called once while writing so that a large model
-    is never held in memory twice.
+    `metadata(writer)` adds the key/values. Each tensor is loaded, encoded and written
+    before the next is loaded, so a large model is never held in memory whole.
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    sources = list(tensors)
     writer = gguf.GGUFWriter(tmp, arch=arch, use_temp_file=False)
     try:
         metadata(writer)
-        loaders: list[tuple[str, Callable[[], np.ndarray]]] = list(tensors)
-        # The header needs each tensor's shape and type up front; GGUFWriter gets them
-        # from the arrays, so arrays are loaded here and released after writing.
-        for name, load in loaders:
-            data = load()
-            qtype = storage_type(name, data.shape, outtype)
-            writer.add_tensor(name, encode_tensor(data, qtype), raw_dtype=qtype)
+        qtypes = []
+        for src in sources:
+            qtype = storage_type(src.name, src.shape, outtype)
+            byte_shape = gguf.quant_shape_to_byte_shape(src.shape, qtype)
+            nbytes = int(np.prod(byte_shape))
+            dtype = _PLAIN.get(qtype, np.dtype(np.uint8))
+            shape = src.shape if qtype in _PLAIN else byte_shape
+            writer.add_tensor_info(src.name, shape, dtype, nbytes, raw_dtype=qtype)
+            qtypes.append(qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=progress)
+        writer.write_ti_data_to_file()
+        bar = tqdm(total=len(sources), desc=path.name, unit="tensor", disable=not progress)
+        for src, qtype in zip(sources, qtypes):
+            data = src.load()
+            if tuple(data.shape) != tuple(src.shape):
+                raise ValueError(f"tensor {src.name}: expected shape {src.shape}, got {tuple(data.shape)}")
+            writer.write_tensor_data(encode_tensor(data, qtype))
+            bar.update(1)
+        bar.close()
         writer.close()
         os.replace(tmp, path)
     except BaseException:
