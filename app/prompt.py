@@ -1,0 +1,158 @@
+"""Messages -> the prompt the model reads: text pieces with media slots, and the LoRA to use.
+
+Messages have the OpenAI-like shape
+    {"role": "user", "content": "..." | [{"type": "text", "text": ...},
+                                         {"type": "image", "image": PIL.Image},
+                                         {"type": "audio", "audio": (samples, sample_rate)}]}
+and are rendered with the model's own chat template (Phi-4: `<|user|>...<|end|><|assistant|>`).
+A system message may carry `tools` (JSON text, or a list that is dumped) and an assistant
+message `tool_calls`; a last message from the assistant is continued, not closed.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+IMAGE, AUDIO = "image", "audio"
+
+# Mixture of LoRAs (phi4mm.md §5): the prompt's modalities pick one adapter for the whole pass.
+ADAPTER_BY_MODALITIES = {
+    frozenset(): None,
+    frozenset({IMAGE}): "vision",
+    frozenset({AUDIO}): "speech",
+    frozenset({IMAGE, AUDIO}): "vision",
+}
+
+_SLOT = "\x00slot{}\x00"
+_SLOT_RE = re.compile("\x00slot(\\d+)\x00")
+
+
+@dataclass
+class Media:
+    """An image or audio item in the prompt, in order of appearance."""
+    kind: str     # IMAGE or AUDIO
+    value: Any    # PIL.Image, or (samples, sample_rate)
+    options: dict  # per-item options from the content part (e.g. max_crops)
+
+
+@dataclass
+class Prompt:
+    pieces: list[str | Media]   # rendered text and media, alternating as they appear
+
+    @property
+    def media(self) -> list[Media]:
+        return [p for p in self.pieces if isinstance(p, Media)]
+
+    @property
+    def modalities(self) -> frozenset[str]:
+        return frozenset(m.kind for m in self.media)
+
+    @property
+    def adapter(self) -> str | None:
+        return ADAPTER_BY_MODALITIES[self.modalities]
+
+
+class PromptError(ValueError):
+    """Messages the engine cannot render; the message says which and why."""
+
+
+def _content_text(message: dict, index: int, media: list[Media]) -> str:
+    content = message.get("content")
+    if content is None:
+        content = ""
+    if isinstance(content, str):
+        text = content
+    elif isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+                continue
+            if not isinstance(part, dict) or "type" not in part:
+                raise PromptError(f"message {index}: content parts must be dicts with a 'type', got {part!r:.80}")
+            kind = part["type"]
+            if kind == "text":
+                parts.append(str(part.get("text", "")))
+            elif kind in (IMAGE, AUDIO):
+                if part.get(kind) is None:
+                    raise PromptError(f"message {index}: {kind} part without an {kind!r} value")
+                if kind == AUDIO:
+                    value = part[AUDIO]
+                    if not (isinstance(value, tuple) and len(value) == 2):
+                        raise PromptError(f"message {index}: audio must be (samples, sample_rate)")
+                options = {k: v for k, v in part.items() if k not in ("type", kind)}
+                parts.append(_SLOT.format(len(media)))
+                media.append(Media(kind, part[kind], options))
+            else:
+                raise PromptError(f"message {index}: unknown content type {kind!r} (text, image, audio)")
+        text = "".join(parts)
+    else:
+        raise PromptError(f"message {index}: content must be a string or a list of parts")
+    if message.get("tool_calls"):
+        calls = [c.get("function", c) for c in message["tool_calls"]]
+        calls = [{"name": c["name"], "arguments": _arguments(c.get("arguments", {}))} for c in calls]
+        text += "<|tool_call|>" + json.dumps(calls, ensure_ascii=False) + "<|/tool_call|>"
+    return text
+
+
+def _arguments(args: Any) -> Any:
+    if isinstance(args, str):
+        try:
+            return json.loads(args)
+        except json.JSONDecodeError:
+            return args
+    return args
+
+
+class ChatTemplate:
+    """The model's Jinja chat template, rendered as transformers does (sandboxed)."""
+
+    def __init__(self, source: str, bos_token: str = "", eos_token: str = ""):
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = self._raise
+        try:
+            self._template = env.from_string(source)
+        except jinja2.TemplateError as e:
+            raise PromptError(f"the model's chat template does not parse: {e}") from None
+        self.bos_token, self.eos_token = bos_token, eos_token
+
+    @staticmethod
+    def _raise(message: str):
+        raise PromptError(f"chat template: {message}")
+
+    def build(self, messages: list[dict]) -> Prompt:
+        if not isinstance(messages, list) or not messages:
+            raise PromptError("messages must be a non-empty list")
+        media: list[Media] = []
+        rendered = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m:
+                raise PromptError(f"message {i} must be a dict with a 'role'")
+            out = {"role": m["role"], "content": _content_text(m, i, media)}
+            if m.get("tools") is not None:
+                out["tools"] = m["tools"] if isinstance(m["tools"], str) else json.dumps(m["tools"], ensure_ascii=False)
+            rendered.append(out)
+        continue_last = rendered[-1]["role"] == "assistant"
+        history = rendered[:-1] if continue_last else rendered
+        try:
+            text = self._template.render(messages=history, add_generation_prompt=True,
+                                         bos_token=self.bos_token, eos_token=self.eos_token)
+        except jinja2.TemplateError as e:
+            raise PromptError(f"chat template failed: {e}") from None
+        if continue_last:
+            text += rendered[-1]["content"]
+        pieces: list[str | Media] = []
+        pos = 0
+        for match in _SLOT_RE.finditer(text):
+            if match.start() > pos:
+                pieces.append(text[pos:match.start()])
+            pieces.append(media[int(match.group(1))])
+            pos = match.end()
+        if pos < len(text):
+            pieces.append(text[pos:])
+        return Prompt(pieces)

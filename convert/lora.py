@@ -1,0 +1,37 @@
+"""One PEFT adapter -> a llama.cpp LoRA GGUF (`general.type = adapter`, phi4mm.md §6.2).
+
+Tensors keep PEFT's layout: `<base>.lora_a` is (r, n_in), `<base>.lora_b` is (n_out, r).
+The true alpha is stored, so llama.cpp's `scale * alpha / r` at scale 1.0 equals PEFT.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+
+from convert.backbone import ARCH, LORA_TARGETS
+from convert.checkpoint import LM_LORA_TARGET, LoraAdapter
+from convert.gguf_out import TensorSource, write_gguf
+
+
+def gguf_base_name(module: str) -> str:
+    """`model.layers.3.self_attn.qkv_proj` -> `blk.3.attn_qkv.weight`."""
+    m = LM_LORA_TARGET.match(module)
+    return f"blk.{m.group(1)}.{LORA_TARGETS[m.group(2)]}"
+
+
+def write_lora(adapter: LoraAdapter, path: Path, outtype: str = "f32") -> Path:
+    sources = []
+    for module, (load_a, load_b) in adapter.pairs.items():
+        base = gguf_base_name(module)
+        a_shape, b_shape = adapter.shapes[module]
+        sources.append(TensorSource(base + ".lora_a", a_shape, load_a))
+        sources.append(TensorSource(base + ".lora_b", b_shape, load_b))
+
+    def metadata(w: gguf.GGUFWriter) -> None:
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, adapter.alpha)
+        w.add_name(f"Phi 4 Multimodal {adapter.name} LoRA")
+
+    return write_gguf(path, ARCH, metadata, sources, outtype=outtype)
