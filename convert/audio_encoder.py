@@ -17,7 +17,7 @@ E = ext_pw_out_channel, D = depthwise_separable_out_channel, m = depthwise_multi
     encoder.embed.conv.0.{weight,bias}                       sub.conv0.{weight,bias}    (C, 1, 3, 3)
     encoder.embed.conv.{3i-1}.{weight,bias}   (i = 1..n-1)   sub.{i}.dw.{weight,bias}   (C, 1, 3, 3)  depthwise
     encoder.embed.conv.{3i}.{weight,bias}                    sub.{i}.pw.{weight,bias}   (C, C)        from (C, C, 1, 1)
-    encoder.embed.out.{weight,bias}                          sub.out.{weight,bias}      (H, C * F)    input index c*F + f
+    encoder.embed.out.{weight,bias}                          sub.out.{weight,bias}      (H, C * F)    in: c*F + f
     encoder.relative_attention_bias_layer.bias_values.weight rel_bias.weight            (buckets, heads)
     encoder.encoders.{k}.feed_forward_in.layer_norm          blk.{k}.ffn_in.norm
     encoder.encoders.{k}.feed_forward_in.gate_up_proj        blk.{k}.ffn_in.up          (2I, H)  rows [value | gate]
@@ -130,7 +130,8 @@ def _audio_config(audio_config: Mapping[str, Any]) -> dict[str, Any]:
         raise AudioEncoderError(f"audio_config.downsample_rate = {cfg['downsample_rate']}: only 1 is supported "
                                 f"(transformers' projector cannot run with another value either)")
     if h % int(cfg["num_attention_heads"]):
-        raise AudioEncoderError(f"hidden_size {h} is not a multiple of num_attention_heads {cfg['num_attention_heads']}")
+        raise AudioEncoderError(f"hidden_size {h} is not a multiple of "
+                                f"num_attention_heads {cfg['num_attention_heads']}")
     return cfg
 
 
@@ -294,7 +295,8 @@ def write_audio_encoder(
                                 f"(audio_config says {cfg['num_blocks']} blocks)")
     if extra:
         raise AudioEncoderError(f"{len(extra)} unexpected audio tensors, e.g. {extra[:5]} "
-                                f"(audio_config says {cfg['num_blocks']} blocks; names must be native, prefix stripped)")
+                                f"(audio_config says {cfg['num_blocks']} blocks; "
+                                f"names must be native, prefix stripped)")
 
     sources: list[TensorSource] = []
     for native, name, rank in rows:
