@@ -82,7 +82,8 @@ def tensor_sources(ckpt: Checkpoint) -> list[TensorSource]:
     return sources
 
 
-def write_backbone(ckpt: Checkpoint, vocab: Vocab, path: Path, outtype: str = "f32", name: str | None = None) -> Path:
+def write_backbone(ckpt: Checkpoint, vocab: Vocab, path: Path, outtype: str = "f32", name: str | None = None,
+                   progress: bool = True) -> Path:
     """Write the decoder GGUF in `outtype` (f32 or f16; quantised types are made from it by llama.cpp)."""
     t = ckpt.text
     sources = tensor_sources(ckpt)
@@ -104,4 +105,4 @@ def write_backbone(ckpt: Checkpoint, vocab: Vocab, path: Path, outtype: str = "f
         w.add_file_type(gguf.LlamaFileType.ALL_F32 if outtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
         add_vocab(w, vocab, bos=t.bos_token_id, eos=t.eos_token_ids[0], pad=t.pad_token_id)
 
-    return write_gguf(path, ARCH, metadata, sources, outtype=outtype)
+    return write_gguf(path, ARCH, metadata, sources, outtype=outtype, progress=progress)

@@ -20,7 +20,7 @@ def gguf_base_name(module: str) -> str:
     return f"blk.{m.group(1)}.{LORA_TARGETS[m.group(2)]}"
 
 
-def write_lora(adapter: LoraAdapter, path: Path, outtype: str = "f32") -> Path:
+def write_lora(adapter: LoraAdapter, path: Path, outtype: str = "f32", progress: bool = True) -> Path:
     sources = []
     for module, (load_a, load_b) in adapter.pairs.items():
         base = gguf_base_name(module)
@@ -34,4 +34,4 @@ def write_lora(adapter: LoraAdapter, path: Path, outtype: str = "f32") -> Path:
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, adapter.alpha)
         w.add_name(f"Phi 4 Multimodal {adapter.name} LoRA")
 
-    return write_gguf(path, ARCH, metadata, sources, outtype=outtype)
+    return write_gguf(path, ARCH, metadata, sources, outtype=outtype, progress=progress)

@@ -55,17 +55,17 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, outtype: 
         staged = out / "backbone.f16.gguf.partial"
         try:
             _say(f"writing the decoder (f16, then {outtype} with llama.cpp's quantiser)", quiet)
-            write_backbone(ckpt, vocab, staged, float_type)
+            write_backbone(ckpt, vocab, staged, float_type, progress=not quiet)
             quantize(staged, out / "backbone.gguf", outtype)
         finally:
             staged.unlink(missing_ok=True)
     else:
         _say(f"writing the decoder ({outtype})", quiet)
-        write_backbone(ckpt, vocab, out / "backbone.gguf", outtype)
+        write_backbone(ckpt, vocab, out / "backbone.gguf", outtype, progress=not quiet)
     for name, adapter in adapters.items():
         _say(f"writing the {name} LoRA (r={adapter.rank}, alpha={adapter.alpha:g}, {lora_type})", quiet)
         files["lora"][name] = f"lora-{name}.gguf"
-        write_lora(adapter, out / f"lora-{name}.gguf", lora_type)
+        write_lora(adapter, out / f"lora-{name}.gguf", lora_type, progress=not quiet)
 
     manifest = {
         "format": "phi4mm-local", "version": MANIFEST_VERSION, "source": str(ckpt.folder.resolve()),
