@@ -1,0 +1,188 @@
+"""The file tools see the sandbox folder and nothing outside it."""
+import os
+
+import pytest
+
+from tools.files import MAX_READ_BYTES, FileSandbox, make_file_tools
+
+
+@pytest.fixture
+def outside(tmp_path):
+    secret = tmp_path / "outside"
+    secret.mkdir()
+    (secret / "secret.txt").write_text("top secret")
+    return secret
+
+
+@pytest.fixture
+def root(tmp_path):
+    root = tmp_path / "sandbox"
+    (root / "docs").mkdir(parents=True)
+    (root / "hello.txt").write_text("hello world\n")
+    (root / "docs" / "readme.md").write_text("# Readme\n")
+    return root
+
+
+@pytest.fixture
+def sandbox(root):
+    return FileSandbox(root)
+
+
+def test_list_root(sandbox):
+    assert sandbox.list_files() == ["docs/", "hello.txt (12 bytes)"]
+
+
+def test_list_subfolder_and_recursive(sandbox):
+    assert sandbox.list_files("docs") == ["docs/readme.md (9 bytes)"]
+    assert sandbox.list_files(".", recursive=True) == [
+        "docs/", "hello.txt (12 bytes)", "docs/readme.md (9 bytes)"]
+
+
+def test_read_text(sandbox):
+    assert sandbox.read_file("hello.txt") == "hello world\n"
+    assert sandbox.read_file("docs/readme.md") == "# Readme\n"
+    assert sandbox.read_file("./docs//readme.md") == "# Readme\n"
+
+
+@pytest.mark.parametrize("path", ["../outside/secret.txt", "docs/../../outside/secret.txt", "..",
+                                  "docs/..", "..\\outside\\secret.txt"])
+def test_dot_dot_is_refused(sandbox, path):
+    with pytest.raises(PermissionError, match="'..' is not allowed"):
+        sandbox.read_file(path)
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "/", "//etc/passwd", "C:\\Windows\\win.ini",
+                                  "\\\\server\\share\\x"])
+def test_absolute_paths_are_refused(sandbox, path):
+    with pytest.raises(PermissionError, match="absolute paths are not allowed"):
+        sandbox.read_file(path)
+    with pytest.raises(PermissionError):
+        sandbox.list_files(path)
+
+
+def test_symlink_to_file_outside_is_refused(sandbox, root, outside):
+    (root / "leak.txt").symlink_to(outside / "secret.txt")
+    with pytest.raises(PermissionError, match="outside the sandbox"):
+        sandbox.read_file("leak.txt")
+    assert "leak.txt (link outside the sandbox, not readable)" in sandbox.list_files()
+
+
+def test_symlinked_dir_outside_is_refused(sandbox, root, outside):
+    (root / "escape").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(PermissionError, match="outside the sandbox"):
+        sandbox.read_file("escape/secret.txt")
+    with pytest.raises(PermissionError, match="outside the sandbox"):
+        sandbox.list_files("escape")
+    listing = sandbox.list_files(recursive=True)
+    assert not any("secret" in entry for entry in listing)
+
+
+def test_symlink_inside_the_sandbox_is_fine(sandbox, root):
+    (root / "alias.txt").symlink_to(root / "hello.txt")
+    assert sandbox.read_file("alias.txt") == "hello world\n"
+
+
+def test_sandbox_root_itself_may_be_a_symlink(tmp_path, root):
+    link = tmp_path / "link-to-sandbox"
+    link.symlink_to(root, target_is_directory=True)
+    assert FileSandbox(link).read_file("hello.txt") == "hello world\n"
+
+
+def test_broken_and_looping_links(sandbox, root):
+    (root / "broken").symlink_to(root / "nowhere")
+    (root / "loop").symlink_to(root / "loop")
+    with pytest.raises(FileNotFoundError):
+        sandbox.read_file("broken")
+    with pytest.raises(FileNotFoundError):
+        sandbox.read_file("loop")
+    listing = sandbox.list_files()
+    assert "broken (broken link)" in listing and "loop (broken link)" in listing
+
+
+def test_missing_file(sandbox):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        sandbox.read_file("nope.txt")
+
+
+def test_folder_and_file_mixups(sandbox):
+    with pytest.raises(IsADirectoryError, match="use list_files"):
+        sandbox.read_file("docs")
+    with pytest.raises(NotADirectoryError, match="use read_file"):
+        sandbox.list_files("hello.txt")
+
+
+def test_big_file_is_truncated_with_a_note(sandbox, root):
+    (root / "big.txt").write_text("a" * (MAX_READ_BYTES * 3))
+    text = sandbox.read_file("big.txt")
+    assert text.startswith("a" * MAX_READ_BYTES)
+    assert text.endswith(f"[truncated: showed the first {MAX_READ_BYTES} of {MAX_READ_BYTES * 3} bytes]")
+
+
+def test_max_bytes_is_bounded(sandbox):
+    assert sandbox.read_file("hello.txt", max_bytes=5).startswith("hello\n[truncated")
+    for bad in (0, -1, MAX_READ_BYTES + 1, 10**12, True):
+        with pytest.raises(ValueError, match="max_bytes"):
+            sandbox.read_file("hello.txt", max_bytes=bad)
+
+
+def test_truncation_never_splits_a_character(sandbox, root):
+    (root / "accents.txt").write_text("é" * 10, encoding="utf-8")  # 2 bytes each
+    assert sandbox.read_file("accents.txt", max_bytes=5).startswith("éé\n[truncated")
+
+
+def test_binary_files_are_refused(sandbox, root):
+    (root / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    with pytest.raises(ValueError, match="binary"):
+        sandbox.read_file("image.png")
+
+
+def test_non_utf8_text_is_refused(sandbox, root):
+    (root / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8"):
+        sandbox.read_file("latin1.txt")
+
+
+def test_bom_is_dropped_and_empty_file_is_said_so(sandbox, root):
+    (root / "bom.txt").write_bytes(b"\xef\xbb\xbfhi")
+    (root / "empty.txt").write_bytes(b"")
+    assert sandbox.read_file("bom.txt") == "hi"
+    assert sandbox.read_file("empty.txt") == "[the file is empty]"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_is_refused_without_hanging(sandbox, root):
+    os.mkfifo(root / "pipe")
+    with pytest.raises(PermissionError, match="not a regular file"):
+        sandbox.read_file("pipe")
+    assert "pipe (special file, not readable)" in sandbox.list_files()
+
+
+def test_bad_path_values(sandbox):
+    with pytest.raises(ValueError, match="NUL"):
+        sandbox.read_file("hello.txt\0.png")
+    with pytest.raises(ValueError, match="string"):
+        sandbox.read_file(None)
+
+
+def test_listing_is_capped(sandbox, root):
+    many = root / "many"
+    many.mkdir()
+    for n in range(600):
+        (many / f"f{n:03d}.txt").write_text("x")
+    listing = sandbox.list_files("many")
+    assert len(listing) == 501
+    assert listing[-1].startswith("... more entries not shown")
+
+
+def test_root_must_be_an_existing_folder(tmp_path):
+    with pytest.raises(NotADirectoryError):
+        FileSandbox(tmp_path / "missing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        FileSandbox(tmp_path / "file")
+
+
+def test_factory_gives_named_plain_functions(root):
+    list_files, read_file = make_file_tools(root)
+    assert (list_files.__name__, read_file.__name__) == ("list_files", "read_file")
+    assert read_file("hello.txt") == "hello world\n"
