@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+from convert.audio_encoder import write_audio_encoder
 from convert.backbone import write_backbone
 from convert.checkpoint import IMAGE_PREFIX, AUDIO_PREFIX, Checkpoint, CheckpointError
 from convert.lora import write_lora
@@ -27,6 +28,12 @@ MANIFEST_VERSION = 1
 def _say(message: str, quiet: bool) -> None:
     if not quiet:
         print(message, flush=True)
+
+
+def _encoder_tensors(ckpt: Checkpoint, prefix: str) -> dict:
+    """Native names under `prefix`, prefix stripped -> (shape, loader): loaded one at a time while writing."""
+    return {name[len(prefix):]: (ckpt.shape(name), lambda name=name: ckpt.load(name))
+            for name in ckpt.names_with_prefix(prefix)}
 
 
 def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, outtype: str = "q4_k_m",
@@ -66,6 +73,13 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, outtype: 
         _say(f"writing the {name} LoRA (r={adapter.rank}, alpha={adapter.alpha:g}, {lora_type})", quiet)
         files["lora"][name] = f"lora-{name}.gguf"
         write_lora(adapter, out / f"lora-{name}.gguf", lora_type, progress=not quiet)
+
+    encoder_type = "f32" if outtype == "f32" else "f16"  # numpy runs encoders in f32 either way
+    _say(f"writing the speech encoder ({encoder_type})", quiet)
+    audio_config = {**ckpt.audio_config(), "audio_token_id": token_ids["audio"]["id"]}
+    write_audio_encoder(_encoder_tensors(ckpt, AUDIO_PREFIX), audio_config, out / "audio-encoder.gguf",
+                        encoder_type, progress=not quiet)
+    files["audio_encoder"] = "audio-encoder.gguf"
 
     manifest = {
         "format": "phi4mm-local", "version": MANIFEST_VERSION, "source": str(ckpt.folder.resolve()),

@@ -1,0 +1,86 @@
+"""Whole model: images and audio through our encoders + engine equal transformers + peft."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from app.engine import Engine
+from convert.pipeline import convert_checkpoint
+from tests.reference import reference_logits, rel_err
+from tests.tiny_checkpoint import build_reference, save_native, save_remote_code
+
+SR = 16_000
+QUESTION = "Transcribe the audio clip into text."
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return build_reference(seed=2)
+
+
+@pytest.fixture(scope="module", params=["transformers", "remote-code"])
+def engine(request, ref, tmp_path_factory):
+    src = tmp_path_factory.mktemp(f"mm-ckpt-{request.param}")
+    (save_native if request.param == "transformers" else save_remote_code)(ref, src)
+    out = tmp_path_factory.mktemp(f"mm-gguf-{request.param}")
+    convert_checkpoint(src, out, "f32", quiet=True)
+    eng = Engine.load(out, n_ctx=1024, kv_type="f32")
+    yield eng
+    eng.close()
+
+
+def speech_like(seconds: float, seed: int = 0) -> np.ndarray:
+    """A few harmonics with a syllable-rate envelope and a little noise: not silence, not white noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SR)) / SR
+    tone = sum(np.sin(2 * np.pi * f * t + rng.uniform(0, 6)) / k for k, f in enumerate((180, 360, 720, 1500), 1))
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t)
+    return (0.2 * tone * envelope + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+def audio_reference_inputs(ref, samples: np.ndarray, text: str):
+    from transformers import Phi4MultimodalFeatureExtractor
+
+    features = Phi4MultimodalFeatureExtractor()(samples, sampling_rate=SR, return_tensors="pt")
+    n = int(features["audio_embed_sizes"][0])
+    prompt = "<|user|>" + "<|endoftext11|>" * n + text + "<|end|><|assistant|>"
+    ids = ref.tokenizer(prompt)["input_ids"]
+    return ids, {"audio_input_features": features["audio_input_features"],
+                 "audio_embed_sizes": features["audio_embed_sizes"]}
+
+
+def test_audio_prompt_matches_reference(ref, engine):
+    samples = speech_like(2.3)
+    messages = [{"role": "user", "content": [{"type": "audio", "audio": (samples, SR)},
+                                             {"type": "text", "text": QUESTION}]}]
+    ours = engine.next_token_logits(messages)
+    assert engine.last.adapter == "speech"
+    ids, inputs = audio_reference_inputs(ref, samples, QUESTION)
+    assert engine.last.prompt_tokens == len(ids)
+    theirs = reference_logits(ref, ids, "speech", **inputs)
+    assert rel_err(ours, theirs) <= 1e-3 and ours.argmax() == theirs.argmax()
+
+
+def test_audio_at_other_rates_and_channels_is_resampled(engine):
+    stereo_48k = np.stack([speech_like(1.0, 1), speech_like(1.0, 2)], axis=1)
+    stereo_48k = np.repeat(stereo_48k, 3, axis=0)  # 48 kHz, 2 channels
+    messages = [{"role": "user", "content": [{"type": "audio", "audio": (stereo_48k, 48_000)},
+                                             {"type": "text", "text": QUESTION}]}]
+    engine.next_token_logits(messages)
+    text_only = engine.last.prompt_tokens
+    assert engine.speech.num_tokens(16_000) == 13  # 1 s of audio is 13 tokens (phi4mm.md §4.4)
+    engine.next_token_logits([{"role": "user", "content": QUESTION}])
+    assert text_only - engine.last.prompt_tokens == 13
+
+
+def test_audio_embeddings_are_reused_across_turns(engine):
+    samples = speech_like(1.5, 3)
+    turn = [{"role": "user", "content": [{"type": "audio", "audio": (samples, SR)},
+                                         {"type": "text", "text": QUESTION}]}]
+    engine.next_token_logits(turn)
+    first = engine.last
+    follow = turn + [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Thank you!"}]
+    engine.next_token_logits(follow)
+    assert engine.last.encoder_ms < first.encoder_ms or engine.last.encoder_ms < 1.0
+    assert engine.last.reused_tokens >= first.prompt_tokens
