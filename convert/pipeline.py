@@ -19,6 +19,7 @@ from convert.checkpoint import IMAGE_PREFIX, AUDIO_PREFIX, Checkpoint, Checkpoin
 from convert.lora import write_lora
 from convert.quantize import FTYPES, quantize
 from convert.tokenizer import AUDIO_TOKEN, IMAGE_TOKEN, read_vocab
+from convert.vision_encoder import write_vision_encoder
 
 OUTTYPES = ("f32", "f16", "q8_0", "q4_k_m")
 MANIFEST = "manifest.json"
@@ -34,6 +35,15 @@ def _encoder_tensors(ckpt: Checkpoint, prefix: str) -> dict:
     """Native names under `prefix`, prefix stripped -> (shape, loader): loaded one at a time while writing."""
     return {name[len(prefix):]: (ckpt.shape(name), lambda name=name: ckpt.load(name))
             for name in ckpt.names_with_prefix(prefix)}
+
+
+def _processor_config(folder: Path) -> dict | None:
+    """Image preprocessing settings (dynamic_hd, mean, std): preprocessor_config.json in the original
+    repository, processor_config.json from transformers 5; None means the model's defaults."""
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        if (folder / name).exists():
+            return json.loads((folder / name).read_text())
+    return None
 
 
 def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, outtype: str = "q4_k_m",
@@ -75,6 +85,14 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, outtype: 
         write_lora(adapter, out / f"lora-{name}.gguf", lora_type, progress=not quiet)
 
     encoder_type = "f32" if outtype == "f32" else "f16"  # numpy runs encoders in f32 either way
+    _say(f"writing the vision encoder ({encoder_type})", quiet)
+    vision_config = {**ckpt.vision_config(), "image_token_id": token_ids["image"]["id"]}
+    vision_tensors = _encoder_tensors(ckpt, IMAGE_PREFIX)
+    write_vision_encoder({name: load for name, (shape, load) in vision_tensors.items()}, vision_config,
+                         out / "vision-encoder.gguf", encoder_type,
+                         shapes={name: shape for name, (shape, load) in vision_tensors.items()},
+                         processor_config=_processor_config(ckpt.folder), progress=not quiet)
+    files["vision_encoder"] = "vision-encoder.gguf"
     _say(f"writing the speech encoder ({encoder_type})", quiet)
     audio_config = {**ckpt.audio_config(), "audio_token_id": token_ids["audio"]["id"]}
     write_audio_encoder(_encoder_tensors(ckpt, AUDIO_PREFIX), audio_config, out / "audio-encoder.gguf",

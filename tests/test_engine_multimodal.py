@@ -8,7 +8,7 @@ import torch
 from app.engine import Engine
 from convert.pipeline import convert_checkpoint
 from tests.reference import reference_logits, rel_err
-from tests.tiny_checkpoint import build_reference, save_native, save_remote_code
+from tests.tiny_checkpoint import TinyShapes, build_reference, save_native, save_remote_code
 
 SR = 16_000
 QUESTION = "Transcribe the audio clip into text."
@@ -16,7 +16,8 @@ QUESTION = "Transcribe the audio clip into text."
 
 @pytest.fixture(scope="module")
 def ref():
-    return build_reference(seed=2)
+    # Images take hundreds of positions each: a longer context than the text tests need.
+    return build_reference(TinyShapes(max_ctx=4096), seed=2)
 
 
 @pytest.fixture(scope="module", params=["transformers", "remote-code"])
@@ -25,7 +26,7 @@ def engine(request, ref, tmp_path_factory):
     (save_native if request.param == "transformers" else save_remote_code)(ref, src)
     out = tmp_path_factory.mktemp(f"mm-gguf-{request.param}")
     convert_checkpoint(src, out, "f32", quiet=True)
-    eng = Engine.load(out, n_ctx=1024, kv_type="f32")
+    eng = Engine.load(out, n_ctx=4096, kv_type="f32")
     yield eng
     eng.close()
 
@@ -84,3 +85,80 @@ def test_audio_embeddings_are_reused_across_turns(engine):
     engine.next_token_logits(follow)
     assert engine.last.encoder_ms < first.encoder_ms or engine.last.encoder_ms < 1.0
     assert engine.last.reused_tokens >= first.prompt_tokens
+
+
+def picture(width: int, height: int, seed: int = 0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([127 + 100 * np.sin(x / 23 + c) * np.cos(y / 17 - c) for c in range(3)], -1)
+    return Image.fromarray(np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8))
+
+
+def image_reference_inputs(images, max_crops: int) -> tuple[list[int], dict]:
+    from transformers import Phi4MultimodalImageProcessor
+
+    out = Phi4MultimodalImageProcessor()(images, dynamic_hd=max_crops, return_tensors="pt")
+    counts = [int(n) for n in out["num_img_tokens"]]
+    return counts, {"image_pixel_values": out["image_pixel_values"], "image_sizes": out["image_sizes"],
+                    "image_attention_mask": out["image_attention_mask"]}
+
+
+def test_image_prompt_matches_reference(ref, engine):
+    image = picture(640, 480)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image, "max_crops": 4},
+                                             {"type": "text", "text": "Describe the image."}]}]
+    ours = engine.next_token_logits(messages)
+    assert engine.last.adapter == "vision"
+    counts, inputs = image_reference_inputs([image], 4)
+    ids = ref.tokenizer("<|user|>" + "<|endoftext10|>" * counts[0] + "Describe the image.<|end|><|assistant|>")["input_ids"]
+    assert engine.last.prompt_tokens == len(ids)
+    theirs = reference_logits(ref, ids, "vision", **inputs)
+    assert rel_err(ours, theirs) <= 1e-3 and ours.argmax() == theirs.argmax()
+
+
+def test_two_images_and_audio_in_one_message(ref, engine):
+    images = [picture(300, 200, 1), picture(200, 500, 2)]
+    samples = speech_like(1.2, 4)
+    text = "Compare the two images and answer the spoken question."
+    messages = [{"role": "user", "content": [{"type": "image", "image": images[0], "max_crops": 2},
+                                             {"type": "image", "image": images[1], "max_crops": 2},
+                                             {"type": "audio", "audio": (samples, SR)},
+                                             {"type": "text", "text": text}]}]
+    ours = engine.next_token_logits(messages)
+    assert engine.last.adapter == "vision"  # image + audio: the vision LoRA, vision-speech projector
+    counts, image_inputs = image_reference_inputs(images, 2)
+    audio_ids, audio_inputs = audio_reference_inputs(ref, samples, "")
+    n_audio = audio_ids.count(ref.tokenizer.convert_tokens_to_ids("<|endoftext11|>"))
+    prompt = ("<|user|>" + "<|endoftext10|>" * sum(counts) + "<|endoftext11|>" * n_audio + text
+              + "<|end|><|assistant|>")
+    ids = ref.tokenizer(prompt)["input_ids"]
+    theirs = reference_logits(ref, ids, "vision", **image_inputs, **audio_inputs)
+    assert rel_err(ours, theirs) <= 1e-3 and ours.argmax() == theirs.argmax()
+
+
+def test_image_in_an_earlier_turn_keeps_the_vision_lora_and_the_cache(ref, engine):
+    image = picture(448, 448, 5)
+    first = [{"role": "user", "content": [{"type": "image", "image": image, "max_crops": 1},
+                                          {"type": "text", "text": "Describe the image."}]}]
+    engine.next_token_logits(first)
+    n_first = engine.last.prompt_tokens
+    follow = first + [{"role": "assistant", "content": "A pattern of colours."},
+                      {"role": "user", "content": "What colours?"}]
+    ours = engine.next_token_logits(follow)
+    assert engine.last.adapter == "vision" and engine.last.reused_tokens >= n_first
+    counts, inputs = image_reference_inputs([image], 1)
+    prompt = ("<|user|>" + "<|endoftext10|>" * counts[0] + "Describe the image.<|end|><|assistant|>"
+              "A pattern of colours.<|end|><|user|>What colours?<|end|><|assistant|>")
+    theirs = reference_logits(ref, ref.tokenizer(prompt)["input_ids"], "vision", **inputs)
+    assert rel_err(ours, theirs) <= 1e-3
+
+
+def test_missing_encoder_and_bad_media_give_clear_errors(engine):
+    from app.prompt import PromptError
+
+    with pytest.raises(PromptError, match="audio must be"):
+        engine.next_token_logits([{"role": "user", "content": [{"type": "audio", "audio": b"raw"}]}])
+    with pytest.raises(PromptError, match="unknown content type"):
+        engine.next_token_logits([{"role": "user", "content": [{"type": "video", "video": 1}]}])

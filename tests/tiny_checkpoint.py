@@ -128,7 +128,8 @@ def build_reference(shapes: TinyShapes | None = None, seed: int = 0) -> Referenc
     shapes = shapes or TinyShapes()
     tokenizer = build_tokenizer(shapes)
     torch.manual_seed(seed)
-    model = Phi4MultimodalForCausalLM(_config(shapes, tokenizer, seed)).eval()
+    # Eager attention: with SDPA the vision tower silently turns causal on unpadded crops (phi4mm.md §11).
+    model = Phi4MultimodalForCausalLM._from_config(_config(shapes, tokenizer, seed), attn_implementation="eager").eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or "layernorm" in name or "layer_norm" in name:
