@@ -1,0 +1,384 @@
+"""The agent loop against a scripted fake engine: messages sent, tools run, events streamed."""
+import copy
+import json
+import threading
+
+import pytest
+
+from app.agents import (
+    DEFAULT_SYSTEM,
+    Agent,
+    FinalAnswer,
+    TextDelta,
+    Tool,
+    ToolCallEvent,
+    ToolResultEvent,
+    ToolStep,
+)
+
+
+class ScriptedEngine:
+    """Plays back one scripted reply per `generate` call and records every call.
+
+    Like the real engine it honours `stop` strings and streams in small pieces (3
+    characters, so markers arrive split); unlike it, it ignores `grammar`.
+    """
+
+    def __init__(self, *replies: str, piece: int = 3):
+        self.replies = list(replies)
+        self.piece = piece
+        self.calls: list[dict] = []
+        self.pieces_read = 0  # how many streamed pieces the agent consumed
+
+    def generate(self, messages, max_tokens=256, temperature=0.0, top_p=1.0, stop=None, stream=False, grammar=None):
+        self.calls.append(
+            {"messages": copy.deepcopy(messages), "stop": stop, "stream": stream, "grammar": grammar, "max_tokens": max_tokens}
+        )
+        assert self.replies, "the agent asked for more replies than scripted"
+        reply = self.replies.pop(0)
+        for s in stop or []:
+            reply = reply.split(s)[0]
+        return self._stream(reply) if stream else reply
+
+    def _stream(self, reply):
+        for i in range(0, len(reply), self.piece):
+            self.pieces_read += 1
+            yield reply[i : i + self.piece]
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: First number.
+        b: Second number.
+    """
+    return a + b
+
+
+def weather(city: str) -> dict:
+    """Current weather in a city."""
+    return {"city": city, "sky": "sunny", "celsius": 21}
+
+
+def broken(x: str) -> str:
+    """Always fails."""
+    raise ValueError(f"cannot handle {x}")
+
+
+def call(name, **arguments):
+    return "<|tool_call|>" + json.dumps([{"name": name, "arguments": arguments}]) + "<|/tool_call|>"
+
+
+def roles(messages):
+    return [m["role"] for m in messages]
+
+
+def test_final_answer_without_tools():
+    engine = ScriptedEngine(" Hello! How can I help?")
+    agent = Agent(engine, tools=[add])
+    result = agent.run("Hi")
+    assert result.answer == "Hello! How can I help?"
+    assert result.steps == [] and result.stop_reason == "answer"
+    assert roles(result.messages) == ["system", "user", "assistant"]
+    sent = engine.calls[0]
+    assert sent["stream"] is True and sent["grammar"] is None and "<|/tool_call|>" in sent["stop"]
+    assert sent["messages"][1] == {"role": "user", "content": "Hi"}
+
+
+def test_system_message_declares_tools_in_phi_format():
+    engine = ScriptedEngine("ok")
+    Agent(engine, tools=[add, weather]).run("Hi")
+    system = engine.calls[0]["messages"][0]
+    assert set(system) == {"role", "content", "tools"}
+    assert system["role"] == "system" and system["content"] == DEFAULT_SYSTEM
+    assert isinstance(system["tools"], str)
+    declared = json.loads(system["tools"])
+    assert [t["name"] for t in declared] == ["add", "weather"]
+    assert declared[0] == {
+        "name": "add",
+        "description": "Add two integers.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "a": {"description": "First number.", "type": "integer"},
+                "b": {"description": "Second number.", "type": "integer"},
+            },
+            "required": ["a", "b"],
+        },
+    }
+    engine = ScriptedEngine("ok")
+    Agent(engine, tools=[add], system="Be brief.").run("Hi")
+    assert engine.calls[0]["messages"][0]["content"] == "Be brief."
+
+
+def test_no_tools_is_plain_chat():
+    engine = ScriptedEngine("Hello <|tool_call|> is just text here")
+    result = Agent(engine).run("Hi")
+    assert result.answer == "Hello <|tool_call|> is just text here"
+    assert engine.calls[0]["messages"] == [{"role": "user", "content": "Hi"}]
+    engine = ScriptedEngine("ok")
+    Agent(engine, system="Be brief.").run("Hi")
+    assert engine.calls[0]["messages"][0] == {"role": "system", "content": "Be brief."}
+
+
+def test_single_call_is_regenerated_under_the_grammar():
+    engine = ScriptedEngine(
+        'Let me add. <|tool_call|>[{"name": "add", "arguments": {"a": "two", "b"',  # free: cut at the marker
+        '[{"name": "add", "arguments": {"a": 2, "b": 3}}]<|/tool_call|>',  # constrained continuation
+        "2 + 3 = 5.",
+    )
+    agent = Agent(engine, tools=[add])
+    result = agent.run("What is 2 + 3?")
+
+    assert result.answer == "2 + 3 = 5."
+    assert [(s.name, s.arguments, s.result, s.error) for s in result.steps] == [("add", {"a": 2, "b": 3}, 5, None)]
+    # The free generation was abandoned as soon as the call began.
+    assert engine.pieces_read < len('Let me add. <|tool_call|>[{"name": "add", "arguments": {"a": "two", "b"') / 3
+    constrained = engine.calls[1]
+    assert constrained["grammar"] == agent.grammar and "root ::=" in constrained["grammar"]
+    assert constrained["stream"] is False
+    assert constrained["messages"][-1] == {"role": "assistant", "content": "Let me add. <|tool_call|>"}
+    assert constrained["messages"][:-1] == engine.calls[0]["messages"]
+    assert result.messages[2:] == [
+        {
+            "role": "assistant",
+            "content": 'Let me add. <|tool_call|>[{"name": "add", "arguments": {"a": 2, "b": 3}}]<|/tool_call|>',
+        },
+        {"role": "tool", "content": "5"},
+        {"role": "assistant", "content": "2 + 3 = 5."},
+    ]
+    assert engine.calls[2]["messages"] == result.messages[:-1]
+
+
+def test_engine_that_repeats_the_whole_call_still_works():
+    engine = ScriptedEngine(call("add", a=1, b=1), call("add", a=1, b=1), "2")
+    result = Agent(engine, tools=[add]).run("1+1?")
+    assert [s.result for s in result.steps] == [2]
+    assert result.messages[2]["content"] == call("add", a=1, b=1)
+
+
+def test_several_calls_in_one_turn_unconstrained():
+    reply = '<|tool_call|>[{"name": "weather", "arguments": {"city": "Oslo"}}, {"name": "add", "arguments": {"a": 1, "b": 2}}]'
+    engine = ScriptedEngine(reply, "Oslo is sunny; 1 + 2 = 3.")
+    agent = Agent(engine, tools=[add, weather], constrain=False)
+    assert agent.grammar is None
+    result = agent.run("Weather in Oslo, and 1 + 2?")
+    assert [(s.name, s.result) for s in result.steps] == [
+        ("weather", {"city": "Oslo", "sky": "sunny", "celsius": 21}),
+        ("add", 3),
+    ]
+    assert roles(result.messages) == ["system", "user", "assistant", "tool", "tool", "assistant"]
+    assert json.loads(result.messages[3]["content"]) == {"city": "Oslo", "sky": "sunny", "celsius": 21}
+    assert result.messages[4]["content"] == "3"
+    assert len(engine.calls) == 2 and all(c["grammar"] is None for c in engine.calls)
+
+
+def test_lenient_call_without_grammar():
+    engine = ScriptedEngine("functools[{'name': 'add', 'arguments': {'a': 4, 'b': 5,},}]", "9")
+    result = Agent(engine, tools=[add], constrain=False).run("4+5")
+    assert [s.result for s in result.steps] == [9]
+    # Stored back in the model's native markup.
+    assert result.messages[2]["content"] == call("add", a=4, b=5)
+
+
+def test_tool_error_goes_back_to_the_model():
+    engine = ScriptedEngine(call("broken", x="y"), "Sorry, that failed.")
+    result = Agent(engine, tools=[broken], constrain=False).run("Try it")
+    assert result.answer == "Sorry, that failed."
+    step = result.steps[0]
+    assert step.result is None and step.error == "ValueError: cannot handle y"
+    assert json.loads(result.messages[3]["content"]) == {"error": "ValueError: cannot handle y"}
+
+
+def test_hung_tool_times_out():
+    release = threading.Event()
+
+    def slow(seconds: int) -> str:
+        """Wait."""
+        release.wait(30)
+        return "done"
+
+    try:
+        engine = ScriptedEngine(call("slow", seconds=100), "It took too long.")
+        result = Agent(engine, tools=[slow], tool_timeout=0.2, constrain=False).run("Wait")
+    finally:
+        release.set()
+    step = result.steps[0]
+    assert step.error == "tool 'slow' timed out after 0.2 seconds"
+    assert 0.2 <= step.seconds < 5
+    assert result.answer == "It took too long."
+
+
+def test_unknown_tool_names_the_available_ones():
+    engine = ScriptedEngine(call("search_web", query="x"), "I cannot search.")
+    result = Agent(engine, tools=[add, weather], constrain=False).run("Search")
+    assert result.steps[0].error == "unknown tool 'search_web'; available tools: add, weather"
+    assert "available tools: add, weather" in result.messages[3]["content"]
+
+
+def test_invalid_arguments_are_not_run_and_explained():
+    ran = []
+
+    def record(n: int) -> int:
+        """Record."""
+        ran.append(n)
+        return n
+
+    engine = ScriptedEngine(call("record", n="five"), call("record", n=5), "Recorded.")
+    result = Agent(engine, tools=[record], constrain=False).run("Record five")
+    assert ran == [5]
+    assert result.steps[0].error == 'invalid arguments: arguments.n: expected integer, got "five"'
+    assert result.steps[1].result == 5
+
+
+def test_unreadable_call_is_reported_and_retried():
+    engine = ScriptedEngine("<|tool_call|> sorry {{{", call("add", a=1, b=2), "3")
+    result = Agent(engine, tools=[add], constrain=False).run("1+2")
+    assert result.steps[0].name == "" and "could not read the tool call" in result.steps[0].error
+    assert result.steps[1].result == 3 and result.answer == "3"
+    assert result.messages[2] == {"role": "assistant", "content": "<|tool_call|> sorry {{{"}
+
+
+def test_step_limit_then_a_last_chance_to_answer():
+    engine = ScriptedEngine(call("add", a=1, b=1), call("add", a=2, b=2), call("add", a=3, b=3), "Enough: 2, 4.")
+    result = Agent(engine, tools=[add], max_steps=2, constrain=False).run("Keep adding")
+    assert [s.result for s in result.steps] == [2, 4]
+    assert result.stop_reason == "max_steps" and result.answer == "Enough: 2, 4."
+    skipped = json.loads(result.messages[-2]["content"])
+    assert skipped["error"].startswith("not run: the limit of 2 tool calls")
+
+
+def test_step_limit_stops_a_model_that_keeps_calling():
+    engine = ScriptedEngine(*[call("add", a=i, b=i) for i in range(6)])
+    result = Agent(engine, tools=[add], max_steps=2).run("Keep adding")
+    # Each call within the limit takes a free and a constrained generation (1 and 3 are the
+    # constrained ones); past the limit calls are not constrained and not run.
+    assert [(s.arguments, s.result) for s in result.steps] == [({"a": 1, "b": 1}, 2), ({"a": 3, "b": 3}, 6)]
+    assert result.stop_reason == "max_steps" and result.answer == ""
+    assert len(engine.calls) == 6 and engine.replies == []
+    assert [c["grammar"] is not None for c in engine.calls] == [False, True, False, True, False, False]
+    assert roles(result.messages)[-4:] == ["assistant", "tool", "assistant", "tool"]
+    assert all("not run" in m["content"] for m in result.messages[-3::2])
+
+
+def test_bare_json_call_without_markup():
+    engine = ScriptedEngine('{"name": "add", "arguments": {"a": 5, "b": 6}}', "11")
+    result = Agent(engine, tools=[add]).run("5+6")
+    assert [s.result for s in result.steps] == [11]
+    assert len(engine.calls) == 2  # a bare call is parsed as written, not regenerated
+
+
+def test_streaming_events():
+    engine = ScriptedEngine(
+        "Checking the weather. <|tool_call|>",
+        '[{"name": "weather", "arguments": {"city": "Paris"}}]',
+        "It is sunny in Paris.",
+    )
+    events = list(Agent(engine, tools=[weather]).stream("Weather in Paris?"))
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[-1] == "FinalAnswer" and kinds.count("FinalAnswer") == 1
+    first_call = kinds.index("ToolCallEvent")
+    assert kinds[first_call + 1] == "ToolResultEvent"
+    before = "".join(e.text for e in events[:first_call] if isinstance(e, TextDelta))
+    after = "".join(e.text for e in events[first_call:] if isinstance(e, TextDelta))
+    assert before == "Checking the weather. "
+    assert after == "It is sunny in Paris."
+    call_event, result_event, final = events[first_call], events[first_call + 1], events[-1]
+    assert (call_event.name, call_event.arguments) == ("weather", {"city": "Paris"})
+    assert result_event.name == "weather" and result_event.error is None
+    assert result_event.result == {"city": "Paris", "sky": "sunny", "celsius": 21}
+    assert result_event.id == call_event.id != ""
+    assert final.text == "It is sunny in Paris." and final.result.steps[0].name == "weather"
+
+
+def test_streamed_text_never_shows_markup():
+    engine = ScriptedEngine(
+        'A <tag> and <|tool and func: <|tool_call|>[{"name": "add", "arguments": {"a": 1, "b": 1}}]', "Done."
+    )
+    events = list(Agent(engine, tools=[add], constrain=False).stream("x"))
+    shown = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert shown == "A <tag> and <|tool and func: Done."
+
+
+def test_conversation_continues_across_runs_and_reset():
+    engine = ScriptedEngine("Hi Ada.", call("add", a=1, b=2), "3", "You are Ada.")
+    agent = Agent(engine, tools=[add], constrain=False)
+    agent.run("I am Ada.")
+    agent.run("1+2?")
+    result = agent.run("Who am I?")
+    assert roles(result.messages) == [
+        "system", "user", "assistant", "user", "assistant", "tool", "assistant", "user", "assistant"
+    ]
+    assert result.steps == []  # steps are per question
+    assert engine.calls[-1]["messages"][3] == {"role": "user", "content": "1+2?"}
+    agent.reset()
+    assert roles(agent.messages) == ["system"]
+
+
+def test_interrupted_turn_leaves_no_trace():
+    engine = ScriptedEngine("A long answer that the user stops.")
+    agent = Agent(engine, tools=[add])
+    before = copy.deepcopy(agent.messages)
+    for event in agent.stream("Tell me a story"):
+        break
+    assert agent.messages == before
+
+    class FailingEngine:
+        def generate(self, messages, **kwargs):
+            raise RuntimeError("out of memory")
+
+    agent = Agent(FailingEngine(), tools=[add])
+    with pytest.raises(RuntimeError):
+        agent.run("Hi")
+    assert roles(agent.messages) == ["system"]
+
+
+def test_engine_returning_a_string_when_streaming_is_accepted():
+    class StringEngine:
+        def generate(self, messages, **kwargs):
+            return "Plain."
+
+    assert Agent(StringEngine(), tools=[add]).run("Hi").answer == "Plain."
+
+
+def test_large_results_are_cut_for_the_model_but_kept_for_the_caller():
+    def big() -> str:
+        """Big."""
+        return "x" * 100
+
+    engine = ScriptedEngine(call("big"), "ok")
+    result = Agent(engine, tools=[big], max_result_chars=10, constrain=False).run("x")
+    assert result.steps[0].result == "x" * 100
+    assert result.messages[3]["content"] == "x" * 10 + "\n[... cut: 90 more characters]"
+
+
+def test_tools_can_be_given_as_tool_objects_and_must_have_unique_names():
+    spec = {"type": "function", "function": {"name": "echo", "description": "Echo.", "parameters": {
+        "type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}}}
+    engine = ScriptedEngine(call("echo", text="hi"), "hi")
+    result = Agent(engine, tools=[Tool.from_openai(spec, lambda text: text)], constrain=False).run("echo hi")
+    assert result.steps == [ToolStep("echo", {"text": "hi"}, "hi", None, result.steps[0].seconds)]
+    with pytest.raises(ValueError, match="two tools"):
+        Agent(engine, tools=[add, add])
+
+
+def test_grammar_failure_falls_back_to_unconstrained(monkeypatch):
+    import app.agents.loop as loop
+
+    def no_grammar(tools):
+        raise ImportError("No module named 'llama_cpp'")
+
+    monkeypatch.setattr(loop, "tool_call_grammar", no_grammar)
+    with pytest.warns(UserWarning, match="not be constrained"):
+        agent = Agent(ScriptedEngine(call("add", a=1, b=1), "2"), tools=[add])
+    assert agent.grammar is None
+    assert agent.run("1+1").steps[0].result == 2
+
+
+def test_final_answer_event_is_last_and_carries_the_result():
+    engine = ScriptedEngine("Just text.")
+    events = list(Agent(engine, tools=[add]).stream("x"))
+    assert isinstance(events[-1], FinalAnswer)
+    assert events[-1].result.answer == "Just text."
+    assert not any(isinstance(e, (ToolCallEvent, ToolResultEvent)) for e in events)
