@@ -382,3 +382,12 @@ def test_final_answer_event_is_last_and_carries_the_result():
     assert isinstance(events[-1], FinalAnswer)
     assert events[-1].result.answer == "Just text."
     assert not any(isinstance(e, (ToolCallEvent, ToolResultEvent)) for e in events)
+
+
+def test_a_message_dict_is_passed_to_the_engine_untouched():
+    # For images or audio: whatever message shape the engine accepts goes straight through.
+    message = {"role": "user", "content": "<|image_1|>What is this?", "images": ["cat.png"]}
+    engine = ScriptedEngine("A cat.")
+    result = Agent(engine, tools=[add]).run(message)
+    assert engine.calls[0]["messages"][1] == message
+    assert result.answer == "A cat."
