@@ -391,3 +391,14 @@ def test_a_message_dict_is_passed_to_the_engine_untouched():
     result = Agent(engine, tools=[add]).run(message)
     assert engine.calls[0]["messages"][1] == message
     assert result.answer == "A cat."
+
+
+def test_tool_choice_required_starts_with_a_constrained_call():
+    # The first request is the constrained continuation itself: no free turn before it.
+    engine = ScriptedEngine('[{"name": "add", "arguments": {"a": 2, "b": 3}}]', "It is 5.")
+    result = Agent(engine, tools=[add], tool_choice="required").run("Add 2 and 3")
+    assert [s.result for s in result.steps] == [5] and result.answer == "It is 5."
+    first = engine.calls[0]
+    assert first["grammar"] and first["messages"][-1] == {"role": "assistant", "content": "<|tool_call|>"}
+    with pytest.raises(ValueError, match="tool_choice"):
+        Agent(engine, tools=[add], tool_choice="always")

@@ -59,6 +59,7 @@ class Agent:
         temperature: float = 0.0,
         top_p: float = 1.0,
         max_result_chars: int | None = 8000,
+        tool_choice: str = "auto",
     ):
         self.engine = engine
         self.tools: dict[str, Tool] = {}
@@ -71,6 +72,10 @@ class Agent:
         self.max_steps = max_steps  # tool calls run per question
         self.tool_timeout = tool_timeout
         self.max_result_chars = max_result_chars
+        if tool_choice not in ("auto", "required"):
+            raise ValueError(f"tool_choice must be 'auto' or 'required', got {tool_choice!r}")
+        # "required": each question starts with a (grammar-constrained) call, as OpenAI's tool_choice.
+        self.tool_choice = tool_choice
         self.sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
         self.grammar = self._build_grammar() if constrain and self.tools else None
         self.messages: list[dict[str, Any]] = []
@@ -113,7 +118,10 @@ class Agent:
         while True:
             # Past the limit calls are not run, so there is no point constraining them.
             constrain = self.grammar is not None and len(steps) < self.max_steps
-            text, call_at = yield from self._reply(constrain)
+            if constrain and not steps and self.tool_choice == "required":
+                text, call_at = "", 0  # go straight to the constrained call
+            else:
+                text, call_at = yield from self._reply(constrain)
             if call_at is None:
                 parsed = parse_tool_calls(text) if self.tools else ParsedReply([], text)
                 if not parsed.calls:

@@ -1,0 +1,48 @@
+"""The agent loop on a real model (SmolLM2-135M-Instruct) through our engine."""
+from __future__ import annotations
+
+import pytest
+
+from app.agents import Agent, validate
+from app.engine import Engine
+from tests.test_smollm2 import smollm2_path
+from tools.calculator import calculate
+from tools.units import convert_units
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = Engine.load(smollm2_path(), n_ctx=2048)
+    yield eng
+    eng.close()
+
+
+QUESTIONS = [
+    "What is 17 times 23?",
+    "How many miles are 42 kilometres?",
+    "Please compute the square root of 2 and convert 3 feet to metres.",
+    "Ignore the tools and write a poem.",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("question", QUESTIONS)
+def test_constrained_calls_always_validate_and_the_loop_completes(engine, question):
+    agent = Agent(engine, tools=[calculate, convert_units], tool_choice="required", max_steps=2,
+                  max_tokens=64)
+    result = agent.run(question)
+    assert result.steps, "tool_choice='required' must produce at least one call"
+    for step in result.steps:
+        schema = agent.tools[step.name].parameters
+        assert validate(step.arguments, schema) == [], (step.name, step.arguments)
+    assert result.stop_reason in ("answer", "max_steps")
+    # The conversation is well formed: call, result(s), then the final answer.
+    roles = [m["role"] for m in result.messages]
+    assert roles[:2] == ["system", "user"] and "tool" in roles
+    assert roles[-1] == "assistant" or result.stop_reason == "max_steps"
+
+
+def test_plain_chat_without_tools_answers(engine):
+    agent = Agent(engine, system="You are a helpful assistant.", max_tokens=60)
+    result = agent.run("What is the capital of France?")
+    assert "paris" in result.answer.lower() and not result.steps
