@@ -29,6 +29,10 @@ ADAPTER_BY_MODALITIES = {
 }
 
 _SLOT = "\x00slot{}\x00"
+
+# How tools reach a model whose chat template has no place for them (Phi-4's has one).
+TOOLS_IN_TEXT = ("\n\nYou can call these tools:\n{tools}\nTo call tools, answer with "
+                 '<|tool_call|>[{{"name": "<tool name>", "arguments": {{...}}}}]<|/tool_call|>')
 _SLOT_RE = re.compile("\x00slot(\\d+)\x00")
 
 
@@ -120,6 +124,8 @@ class ChatTemplate:
         except jinja2.TemplateError as e:
             raise PromptError(f"the model's chat template does not parse: {e}") from None
         self.bos_token, self.eos_token = bos_token, eos_token
+        # Phi-4's template places a system message's `tools`; other models' templates drop them.
+        self.places_tools = "tools" in source
 
     @staticmethod
     def _raise(message: str):
@@ -135,7 +141,11 @@ class ChatTemplate:
                 raise PromptError(f"message {i} must be a dict with a 'role'")
             out = {"role": m["role"], "content": _content_text(m, i, media)}
             if m.get("tools") is not None:
-                out["tools"] = m["tools"] if isinstance(m["tools"], str) else json.dumps(m["tools"], ensure_ascii=False)
+                tools = m["tools"] if isinstance(m["tools"], str) else json.dumps(m["tools"], ensure_ascii=False)
+                if self.places_tools:
+                    out["tools"] = tools
+                else:
+                    out["content"] += TOOLS_IN_TEXT.format(tools=tools)
             rendered.append(out)
         continue_last = rendered[-1]["role"] == "assistant"
         history = rendered[:-1] if continue_last else rendered
