@@ -264,7 +264,7 @@ class Engine:
         if reuse == len(keys):
             reuse -= 1  # re-decode the last position to get its logits
         window.ctx.truncate(reuse)
-        window.keys = keys[:reuse]
+        window.keys, window.segments = keys[:reuse], []  # what stays true if decoding fails midway
         pos = 0
         for seg in segments:
             end = pos + len(seg.keys)
