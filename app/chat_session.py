@@ -108,6 +108,7 @@ class Settings:
     seed: int | None = None
     tools: list[str] = field(default_factory=list)
     force_tool: bool = False      # start every answer with a (grammar-constrained) tool call
+    max_tool_calls: int = 5       # per question
 
 
 @dataclass
@@ -373,7 +374,7 @@ class Assistant:
     def _agent(self, settings: Settings) -> Agent:
         tools = [self.tools[name] for name in settings.tools if name in self.tools]
         return Agent(_WithSampling(self.engine, top_k=settings.top_k, seed=settings.seed), tools=tools,
-                     system=settings.system or None, max_steps=5, max_tokens=settings.max_tokens,
+                     system=settings.system or None, max_steps=settings.max_tool_calls, max_tokens=settings.max_tokens,
                      temperature=settings.temperature, top_p=settings.top_p,
                      tool_choice="required" if settings.force_tool and tools else "auto")
 

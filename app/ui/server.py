@@ -1,0 +1,70 @@
+"""Load a model and serve the page: what `launch.py` does once it knows the model, and what
+the tests use to start the real app in-process on a free port.
+
+    app = serve(ModelChoice(path, full=True), port=0, block=False)
+    app.url ... app.close()
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.chat_session import Assistant, conversations_dir
+from app.engine import Engine
+from app.model_store import FULL_MODEL_COMMAND, ModelChoice
+from app.ui.page import PageInfo, build_page, launch_page
+from tools import builtin_tools
+
+
+@dataclass
+class RunningApp:
+    url: str
+    engine: Engine
+    demo: Any  # gr.Blocks
+
+    def close(self) -> None:
+        self.demo.close()
+        self.engine.close()
+
+
+def free_port(host: str = "127.0.0.1", start: int = 7860) -> int:
+    """`start` or the next free port (Gradio stops with an error when its port is taken); 0 = any."""
+    for port in ([0] if start == 0 else range(start, start + 100)):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+                return s.getsockname()[1]
+            except OSError:
+                continue
+    raise OSError(f"no free port from {start} to {start + 99} on {host}")
+
+
+def serve(choice: ModelChoice, host: str = "127.0.0.1", port: int = 7860, n_ctx: int = 8192,
+          n_threads: int | None = None, share: bool = False, auth: tuple[str, str] | None = None,
+          notes_path: str | os.PathLike | None = None, conversations_root: str | os.PathLike | None = None,
+          block: bool = True, quiet: bool = True) -> RunningApp:
+    """Load `choice`, build the page around it and start serving (blocking unless block=False)."""
+    engine = Engine.load(choice.path, n_ctx=n_ctx, n_threads=n_threads)
+    name = choice.path.stem if choice.path.is_file() else choice.path.name
+    if choice.full:
+        reason = f"{name} has no encoder for it"
+    else:
+        reason = f"the text-only fallback model is running; get Phi-4-multimodal with: {FULL_MODEL_COMMAND}"
+    assistant = Assistant(engine, builtin_tools(notes_path=notes_path), unsupported_reason=reason)
+    root = Path(conversations_root) if conversations_root else conversations_dir()
+    info = PageInfo(model_name=name, notice=choice.notice, conversations_root=root,
+                    details=f"{engine.n_threads} threads · context {engine.n_ctx:,}")
+    demo = build_page(assistant, info)
+    url = launch_page(demo, host=host, port=free_port(host, port), share=share, auth=auth,
+                      allowed_paths=[str(root)], block=False, quiet=quiet)
+    app = RunningApp(url, engine, demo)
+    if block:
+        print(f"Running on {url}  (Ctrl+C to stop)", flush=True)
+        try:
+            demo.block_thread()
+        finally:
+            engine.close()
+    return app

@@ -1,0 +1,66 @@
+"""Start the app: `python launch.py [--model DIR] [--host H] [--port P] [--threads N] [--ctx N]
+[--share] [--auth user:pass] [--download]`, then open the URL it prints.
+
+Without --model it uses the converted Phi-4-multimodal in the default model folder
+(app.model_store), downloading and converting it first when it is missing; without network
+access it starts text-only on the small SmolLM2 model, with a banner saying how to get the
+full one. Nothing reaches the network at run time unless the model has to be downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# Gradio would otherwise check for updates and send telemetry.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python launch.py", description="Phi-4-multimodal, local: the web app.")
+    parser.add_argument("--model", help="a converted model folder (manifest.json) or a text-only .gguf file "
+                                        "(default: the folder in ~/.cache/phi4mm/models, made on first run)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this computer only)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default 7860, or the next free one)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: all cores)")
+    parser.add_argument("--ctx", type=int, default=8192, help="context size in tokens (default 8192)")
+    parser.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
+    parser.add_argument("--auth", metavar="USER:PASS", help="require this user name and password")
+    parser.add_argument("--download", action="store_true",
+                        help="download and convert the full model if it is missing; fail instead of falling back")
+    args = parser.parse_args(argv)
+    if args.auth and ":" not in args.auth:
+        parser.error("--auth takes USER:PASS")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from app.model_store import HubUnreachable, ModelChoice, ModelStore, ModelUnavailable
+
+    if args.model:
+        path = Path(args.model).expanduser()
+        if not path.exists():
+            print(f"error: no model at {path}", file=sys.stderr)
+            return 2
+        choice = ModelChoice(path, full=path.is_dir())  # a single .gguf is a text-only model
+    else:
+        try:
+            choice = ModelStore().resolve(download=True, fallback=not args.download)
+        except (ModelUnavailable, HubUnreachable) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    from app.ui.server import serve
+
+    print(f"Loading {choice.path} ...", flush=True)
+    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    serve(choice, host=args.host, port=args.port, n_ctx=args.ctx, n_threads=args.threads, share=args.share,
+          auth=auth, block=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
