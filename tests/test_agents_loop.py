@@ -402,3 +402,10 @@ def test_tool_choice_required_starts_with_a_constrained_call():
     assert first["grammar"] and first["messages"][-1] == {"role": "assistant", "content": "<|tool_call|>"}
     with pytest.raises(ValueError, match="tool_choice"):
         Agent(engine, tools=[add], tool_choice="always")
+
+
+def test_a_constrained_call_cut_off_by_the_token_budget_is_reported_not_guessed():
+    engine = ScriptedEngine("<|tool_call|>", '[{"name": "add", "arguments": {"a": ', "Sorry.")
+    result = Agent(engine, tools=[add]).run("Add")
+    assert result.steps[0].error and "could not read the tool call" in result.steps[0].error
+    assert engine.calls[1]["max_tokens"] >= 512  # the call has its own budget

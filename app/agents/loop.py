@@ -7,6 +7,7 @@ its arguments are always valid. With `constrain=False`, or without llama-cpp-pyt
 free call is parsed leniently and checked against the schema instead; errors go back to
 the model as tool results either way.
 """
+import json
 import warnings
 from typing import Any, Callable, Generator, Iterator, Protocol, Sequence
 
@@ -28,6 +29,16 @@ UNREADABLE_CALL = (
     "could not read the tool call; write it as "
     '<|tool_call|>[{"name": "<tool name>", "arguments": {...}}]<|/tool_call|>'
 )
+
+
+def _complete_call(text: str) -> bool:
+    """Whether a constrained call's JSON list is whole (not cut off by the token budget)."""
+    body = text.split(TOOL_CALL_START, 1)[-1].split(TOOL_CALL_END, 1)[0].strip()
+    try:
+        json.loads(body)
+    except ValueError:
+        return False
+    return True
 
 
 class Engine(Protocol):
@@ -60,6 +71,7 @@ class Agent:
         top_p: float = 1.0,
         max_result_chars: int | None = 8000,
         tool_choice: str = "auto",
+        call_max_tokens: int = 512,
     ):
         self.engine = engine
         self.tools: dict[str, Tool] = {}
@@ -76,6 +88,7 @@ class Agent:
             raise ValueError(f"tool_choice must be 'auto' or 'required', got {tool_choice!r}")
         # "required": each question starts with a (grammar-constrained) call, as OpenAI's tool_choice.
         self.tool_choice = tool_choice
+        self.call_max_tokens = call_max_tokens  # budget of one constrained call, apart from the answer's
         self.sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
         self.grammar = self._build_grammar() if constrain and self.tools else None
         self.messages: list[dict[str, Any]] = []
@@ -132,6 +145,10 @@ class Agent:
                 before = text[:call_at]
                 call_text = self._constrained_call(before) if constrain else text[call_at:]
                 parsed = parse_tool_calls(call_text)
+                if constrain and not _complete_call(call_text):
+                    # Under the grammar only the token budget can stop a call early; a lenient
+                    # reading of the cut-off JSON would invent arguments, so report it instead.
+                    parsed = ParsedReply([], call_text)
                 if not parsed.calls:
                     # The model began a call but wrote nothing readable: tell it, and let it retry.
                     self.messages.append({"role": "assistant", "content": before + call_text})
@@ -200,7 +217,8 @@ class Agent:
     def _constrained_call(self, before: str) -> str:
         """Generate the tool call again under the grammar, continuing `before<|tool_call|>`."""
         messages = [*self.messages, {"role": "assistant", "content": before + TOOL_CALL_START}]
-        generated = self.engine.generate(messages, grammar=self.grammar, stream=False, **self.sampling)
+        sampling = {**self.sampling, "max_tokens": max(self.call_max_tokens, self.sampling["max_tokens"])}
+        generated = self.engine.generate(messages, grammar=self.grammar, stream=False, **sampling)
         if not isinstance(generated, str):
             generated = "".join(generated)
         # An engine that ignores the continuation may repeat the marker; don't add a second one.
