@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 import wave
 from dataclasses import dataclass, field
@@ -118,6 +119,7 @@ class Conversation:
     saved_to: str | None = None
     # Set from another thread (the stop button); the streaming loop checks it between pieces.
     stop_requested: bool = False
+    media_dir: str | None = None  # private copies of the attachments (see `keep`)
 
     @property
     def busy(self) -> bool:
@@ -127,6 +129,17 @@ class Conversation:
     def title(self) -> str:
         first = next((t.text for t in self.turns if t.text.strip()), "")
         return first.strip().splitlines()[0][:60] if first else "Conversation"
+
+    def keep(self, path: str | os.PathLike) -> str:
+        """A private copy of a file to attach. The web server rewrites the files of its own
+        cache when it sends the chat to the browser, and the model must never read one of
+        those half-written."""
+        if self.media_dir is None or not Path(self.media_dir).is_dir():
+            self.media_dir = tempfile.mkdtemp(prefix="phi4mm-media-")
+        source = Path(path)
+        target = Path(self.media_dir) / f"{len(os.listdir(self.media_dir)):03d}-{source.name}"
+        shutil.copyfile(source, target)
+        return str(target)
 
     # -- saving -------------------------------------------------------------------------
 

@@ -200,6 +200,52 @@ def test_a_tool_switched_on_shows_its_call_as_a_step(text_page):
         shutil.copyfile(path, ROOT / "docs" / "screenshot.png")
 
 
+def test_stop_keeps_the_partial_answer_and_regenerate_replaces_it(text_page):
+    page = text_page.page
+    text_page.send("Write a long story about a robot who learns to paint.")
+    text_page.bot_messages().first.wait_for()
+    page.wait_for_function("document.querySelector('#chat [data-testid=bot]')?.innerText.length > 20")
+    page.locator("#stop").click()
+    page.locator("#chat", has_text="(stopped)").wait_for()
+    stopped = text_page.bot_messages().last.inner_text()
+    text_page.tab("Settings")
+    text_page.set_number("max-tokens", 32)
+    page.locator("#regenerate").click()
+    page.wait_for_function("!document.querySelector('#chat').innerText.includes('(stopped)')")
+    text_page.wait_for_answers(1)
+    assert text_page.user_messages().count() == 1  # the same question, answered again
+    assert text_page.bot_messages().last.inner_text() != stopped
+
+
+def test_a_conversation_is_saved_and_reopened(text_page):
+    page = text_page.page
+    text_page.send("What is the capital of France?")
+    answer = text_page.wait_for_answers(1)
+    text_page.tab("Conversations")
+    page.locator("#save").click()
+    page.locator("#saved-status", has_text="Saved to").wait_for()
+    page.locator("#clear").click()
+    page.wait_for_function("!document.querySelector('#chat').innerText.includes('capital of France')")
+    page.locator("#saved input").click()
+    page.get_by_role("option", name="What is the capital of France?").first.click()
+    page.locator("#open").click()
+    page.locator("#saved-status", has_text="Opened").wait_for()
+    page.locator("#chat .turn-stats").first.wait_for()
+    assert "capital of France" in text_page.user_messages().first.inner_text()
+    assert "Paris" in answer and "Paris" in text_page.bot_messages().last.inner_text()
+
+
+@pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng is not installed")
+def test_answers_are_spoken_when_asked(text_page):
+    page = text_page.page
+    assert page.locator("#reply-audio").is_hidden()
+    page.locator("#speak input").check()
+    text_page.send("How many legs does a dog have?")
+    text_page.wait_for_answers(1)
+    page.locator("#reply-audio").wait_for(state="visible")
+    page.locator("#reply-audio audio, #reply-audio [data-testid='waveform-Audio']").first.wait_for(state="attached")
+
+
 # -- images and audio (tiny Phi-4-multimodal) ---------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -281,3 +327,39 @@ def test_space_in_the_text_field_types_a_space(mm_page):
     box.type("two words")
     assert box.input_value() == "two words"
     assert mm_page.page.locator("#voice button.record-button").is_visible()  # no recording started
+
+
+def test_a_webcam_frame_goes_with_the_next_message(mm_page):
+    page = mm_page.page
+    mm_page.tab("Camera")
+    mm_page.set_number("webcam-crops", 4)
+    page.locator("#webcam-note", has_text="1,065 tokens").wait_for()  # the detail's cost, shown as it changes
+    mm_page.set_number("webcam-crops", 1)
+    page.locator("#webcam-note", has_text="477 tokens").wait_for()
+    page.locator("#webcam [title='grant webcam access'] button").click()
+    page.wait_for_function("document.querySelector('#webcam video')?.readyState >= 2")  # frames are coming
+    page.locator("#webcam button[aria-label='capture photo']").click()  # Chromium's fake camera
+    page.locator("#attach-info", has_text="webcam frame").wait_for()
+    mm_page.send("What do you see?")
+    answer = mm_page.wait_for_answers(1)
+    assert "vision LoRA" in answer
+    assert mm_page.user_messages().last.locator("img").count() == 1
+    assert page.locator("#attach-info").inner_text().strip() == ""
+
+
+def test_a_voice_quick_action_transcribes_the_recording(mm_page, spoken):
+    page = mm_page.page
+    page.locator("#voice button[aria-label='Upload file']").click()
+    page.locator("#voice input[type='file']").set_input_files(str(spoken))
+    page.locator("#voice button.record-button").wait_for(state="hidden")  # it holds the file now
+    page.locator("#voice-transcribe").click()
+    answer = mm_page.wait_for_answers(1)
+    assert "speech LoRA" in answer
+    assert "Transcribe the audio clip into text." in mm_page.user_messages().last.inner_text()
+    # Push-to-talk still works after an upload switched the panel to its upload source.
+    page.locator("#header").click()
+    page.keyboard.down("Space")
+    page.locator("#voice button.stop-button").wait_for(state="visible")
+    page.wait_for_timeout(800)
+    page.keyboard.up("Space")
+    assert "speech LoRA" in mm_page.wait_for_answers(2)

@@ -226,6 +226,8 @@ def build_page(assistant: Assistant, info: PageInfo) -> gr.Blocks:
                 attachments = [attachment_for(path, upload_detail) for path in files]
                 if webcam_path:
                     attachments.append(Attachment(IMAGE, webcam_path, int(webcam_detail)))
+                for attachment in attachments:
+                    attachment.path = conv.keep(attachment.path)
                 if not text and not attachments:
                     return gr.skip(), gr.skip(), gr.skip(), gr.skip()
                 if not text:
@@ -240,7 +242,7 @@ def build_page(assistant: Assistant, info: PageInfo) -> gr.Blocks:
                 raise gr.Error("Record or upload a spoken question first.", print_exception=False)
             text = SPOKEN_QUESTION if action == "ask" else QUICK_ACTIONS[action].format(language=target_language)
             try:
-                assistant.add(conv, text, [Attachment(AUDIO, audio_path)])
+                assistant.add(conv, text, [Attachment(AUDIO, conv.keep(audio_path))])
             except (Unsupported, Busy) as e:
                 raise gr.Error(str(e), print_exception=False) from None
             return chat_messages(conv), None

@@ -11,21 +11,38 @@
     const button = voice()?.querySelector(selector);
     return button && button.offsetParent !== null && !button.disabled ? button : null;
   };
-  let holding = false;
+  let holding = false;    // the key or button is down
+  let recording = false;  // we clicked Record for this hold
 
   function start() {
     if (holding || document.querySelector("#ptt")?.disabled) return;
-    const record = visibleButton("button.record-button");
-    if (!record) return;  // no microphone source, or a recording waiting to be sent
     holding = true;
     document.body.classList.add("ptt-recording");
-    record.click();
+    // After an upload the panel shows its upload source: switch back to the microphone first,
+    // and give the recorder a moment to appear.
+    let tries = 40;
+    const clickRecord = () => {
+      if (!holding) return;  // released before the recorder was ready
+      const record = visibleButton("button.record-button");
+      if (record) {
+        recording = true;
+        record.click();
+        return;
+      }
+      const microphone = voice()?.querySelector("button[aria-label='Record audio']");
+      if (microphone && !microphone.classList.contains("selected")) microphone.click();
+      if (--tries > 0) setTimeout(clickRecord, 50);
+      else stop();  // no recorder: a recording or file is waiting to be sent, or no microphone
+    };
+    clickRecord();
   }
 
   function stop() {
     if (!holding) return;
     holding = false;
     document.body.classList.remove("ptt-recording");
+    if (!recording) return;
+    recording = false;
     // The recording starts asynchronously (microphone permission, device start-up): a quick
     // release may come before Stop exists, so wait for it a little.
     let tries = 40;
