@@ -352,8 +352,8 @@ class Assistant:
         return turn
 
     def answer(self, conversation: Conversation, settings: Settings | None = None) -> Iterator[Turn]:
-        """Stream the answer to the last question: yields that Turn as it grows."""
-        if not conversation.turns:
+        """Stream the answer to the last question, if it awaits one: yields that Turn as it grows."""
+        if not conversation.turns or not conversation.turns[-1].pending:
             return
         turn = conversation.turns[-1]
         yield from self._answer(conversation, turn, settings or Settings(system=conversation.system))

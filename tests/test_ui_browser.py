@@ -110,7 +110,11 @@ class Page:
     def wait_for_answers(self, n: int) -> str:
         """Wait until `n` answers carry their stats line; return the last answer's text."""
         stats = self.page.locator("#chat .turn-stats")
-        stats.nth(n - 1).wait_for()
+        try:
+            stats.nth(n - 1).wait_for()
+        except Exception:
+            self.screenshot(f"failed-waiting-for-answer-{n}.png")
+            raise AssertionError(f"no answer {n}; the chat shows:\n{self.page.locator('#chat').inner_text()}")
         return self.bot_messages().last.inner_text()
 
     def set_number(self, elem_id: str, value: int) -> None:
@@ -249,13 +253,14 @@ def test_answers_are_spoken_when_asked(text_page):
 # -- images and audio (tiny Phi-4-multimodal) ---------------------------------------------------
 
 @pytest.fixture(scope="module")
-def picture(tmp_path_factory) -> Path:
+def pictures(tmp_path_factory) -> list[Path]:
     from PIL import Image
 
-    path = tmp_path_factory.mktemp("media") / "frame.png"
+    folder = tmp_path_factory.mktemp("media")
     x = np.linspace(0, 255, 640, dtype=np.uint8)
-    Image.fromarray(np.stack([np.tile(x, (480, 1))] * 3, axis=-1)).save(path)
-    return path
+    Image.fromarray(np.stack([np.tile(x, (480, 1))] * 3, axis=-1)).save(folder / "frame.png")
+    Image.new("RGB", (300, 200), (20, 120, 200)).save(folder / "small.png")
+    return [folder / "frame.png", folder / "small.png"]
 
 
 @pytest.fixture(scope="module")
@@ -271,15 +276,17 @@ def spoken(tmp_path_factory) -> Path:
     return path
 
 
-def test_an_uploaded_image_is_answered_with_the_vision_lora(mm_page, picture):
+def test_uploaded_images_are_answered_with_the_vision_lora(mm_page, pictures):
     page = mm_page.page
-    page.locator("#prompt input[type='file']").set_input_files(str(picture))
-    page.locator("#attach-info", has_text="tokens").wait_for()
-    assert "640×480 → 1,065 tokens" in page.locator("#attach-info").inner_text()  # detail 4 by default
-    mm_page.send("What is in this picture?")
+    page.locator("#prompt input[type='file']").set_input_files([str(p) for p in pictures])
+    page.locator("#attach-info", has_text="in all").wait_for()
+    note = page.locator("#attach-info").inner_text()
+    assert "frame.png 640×480 → 1,065 tokens" in note  # detail 4 by default
+    assert "small.png 300×200" in note
+    mm_page.send("What is in these pictures?")
     answer = mm_page.wait_for_answers(1)
     assert "vision LoRA" in answer and "encoder" in answer
-    assert mm_page.user_messages().locator("img").count() >= 1  # the thumbnail stays in the history
+    assert mm_page.user_messages().last.locator("img").count() == 2  # thumbnails stay in the history
     mm_page.screenshot("chat-image.png")
 
 

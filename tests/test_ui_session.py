@@ -179,6 +179,13 @@ def test_one_question_at_a_time_and_regenerate_replaces_the_answer():
     assert engine.requests[1]["messages"] == engine.requests[0]["messages"]
 
 
+def test_answer_without_a_new_question_does_nothing():
+    engine = ScriptedEngine(["first"])
+    assistant, conv = Assistant(engine), Conversation()
+    run(assistant.ask(conv, "Hello"))
+    assert run(assistant.answer(conv)) is None and len(engine.requests) == 1
+
+
 def test_stop_while_queued_answers_nothing():
     engine = ScriptedEngine(["never"])
     assistant, conv = Assistant(engine), Conversation()
@@ -259,3 +266,41 @@ def test_a_real_model_keeps_the_conversation_and_its_cache():
         assert second.stats["reused_tokens"] >= first.stats["prompt_tokens"]
     finally:
         engine.close()
+
+
+def test_run_in_thread_keeps_the_source_in_one_thread_whoever_consumes_it():
+    import threading
+
+    from app.ui.one_thread import run_in_thread
+
+    threads, closed = set(), []
+
+    def source():
+        try:
+            for i in range(50):
+                threads.add(threading.get_ident())
+                yield i
+        finally:
+            closed.append(threading.get_ident())
+
+    stream = run_in_thread(source)
+    got = []
+
+    def take(n):
+        for _ in range(n):
+            got.append(next(stream, None))
+
+    for _ in range(3):  # consumed from three different threads, as Gradio does
+        t = threading.Thread(target=take, args=(2,))
+        t.start(), t.join()
+    rest = [x for x in stream]
+    assert len(threads) == 1 and closed == list(threads)
+    values = [x for x in got + rest if x is not None]
+    assert values == sorted(values) and values[-1] == 49  # newest last, the final item never dropped
+
+    def failing():
+        yield 1
+        raise ValueError("broken file")
+
+    with pytest.raises(ValueError, match="broken file"):
+        list(run_in_thread(failing))

@@ -44,6 +44,7 @@ from app.chat_session import (  # noqa: E402
 )
 from app.prompt import AUDIO, IMAGE  # noqa: E402
 from app.ui import speech_out  # noqa: E402
+from app.ui.one_thread import run_in_thread  # noqa: E402
 from app.ui.render import chat_messages  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -248,7 +249,10 @@ def build_page(assistant: Assistant, info: PageInfo) -> gr.Blocks:
             return chat_messages(conv), None
 
         def answer(conv: Conversation, *values: Any):
-            for _ in assistant.answer(conv, settings_from(*values)):
+            if not conv.busy:  # nothing was asked (an empty message)
+                yield gr.skip()
+                return
+            for _ in run_in_thread(lambda: assistant.answer(conv, settings_from(*values))):
                 yield chat_messages(conv)
 
         def stop(conv: Conversation) -> None:
