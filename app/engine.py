@@ -101,7 +101,8 @@ class Engine:
         self.n_threads = n_threads
         self._n_batch = n_batch
         self._kv_type = kv_type
-        self._lock = threading.RLock()
+        # A plain Lock: a streamed answer may be resumed (and finished) on another thread than it began.
+        self._lock = threading.Lock()
         self.last = Timings()
         self.last_token_ids: list[int] = []  # the last completion's tokens (tests, debugging)
 
