@@ -9,6 +9,11 @@
 
 Shapes: T feature frames, L frames in one window, H width, nh heads of d = H / nh, C conv channels.
 Weights come from a GGUF written by convert/audio_encoder.py (names documented there).
+
+Speed (bench/encoders.py): weights are transposed once at load (`Linear.wt`, q/k/v fused with the
+score scale folded into q, the GLU biases folded into the GLU projection), activations are updated
+in place where the buffer is ours, and the subsampling's depthwise convolutions apply each tap to
+the output block it reaches instead of building padded copies.
 """
 from __future__ import annotations
 
@@ -20,12 +25,25 @@ import numpy as np
 # -- elementwise ----------------------------------------------------------------------------------
 
 def silu(x: np.ndarray) -> np.ndarray:
+    return silu_(np.array(x, dtype=np.float32))
+
+
+def silu_(x: np.ndarray) -> np.ndarray:
+    """x * sigmoid(x), in place."""
+    t = np.negative(x)
     with np.errstate(over="ignore"):
-        return x / (np.float32(1) + np.exp(-x))
+        np.exp(t, out=t)
+    t += np.float32(1)
+    x /= t
+    return x
 
 
 def relu(x: np.ndarray) -> np.ndarray:
     return np.maximum(x, np.float32(0))
+
+
+def relu_(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, np.float32(0), out=x)
 
 
 _ERF_A = [-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
@@ -52,7 +70,8 @@ def gelu(x: np.ndarray) -> np.ndarray:
     return np.float32(0.5) * x * (np.float32(1) + erf(x * np.float32(0.7071067811865476)))
 
 
-ACTIVATIONS = {"swish": silu, "silu": silu, "relu": relu, "gelu": gelu}
+# in-place versions (they overwrite and return their argument; gelu returns a new array)
+ACTIVATIONS = {"swish": silu_, "silu": silu_, "relu": relu_, "gelu": gelu}
 
 
 def activation(name: str):
@@ -65,15 +84,26 @@ def activation(name: str):
 
 @dataclass
 class Linear:
-    weight: np.ndarray  # (out, in)
+    wt: np.ndarray      # (in, out): the weight transposed at load, so that `x @ wt` is a plain GEMM
     bias: np.ndarray    # (out,)
 
     @classmethod
+    def of(cls, weight: np.ndarray, bias: np.ndarray) -> "Linear":
+        """From a PyTorch-layout (out, in) weight."""
+        return cls(np.ascontiguousarray(np.asarray(weight, dtype=np.float32).T), np.asarray(bias, np.float32))
+
+    @classmethod
     def load(cls, w, name: str) -> "Linear":
-        return cls(w.tensor(f"{name}.weight"), w.tensor(f"{name}.bias"))
+        return cls.of(w.tensor(f"{name}.weight"), w.tensor(f"{name}.bias"))
+
+    @property
+    def weight(self) -> np.ndarray:  # (out, in) view
+        return self.wt.T
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return x @ self.weight.T + self.bias
+        y = x @ self.wt
+        y += self.bias
+        return y
 
 
 @dataclass
@@ -87,10 +117,12 @@ class LayerNorm:
         return cls(w.tensor(f"{name}.weight"), w.tensor(f"{name}.bias"), eps)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        mu = x.mean(-1, keepdims=True)
-        xc = x - mu
-        var = (xc * xc).mean(-1, keepdims=True)
-        return xc / np.sqrt(var + np.float32(self.eps)) * self.weight + self.bias
+        xc = x - x.mean(-1, keepdims=True)
+        var = np.einsum("...i,...i->...", xc, xc)[..., None] / np.float32(x.shape[-1])
+        xc *= np.float32(1) / np.sqrt(var + np.float32(self.eps))
+        xc *= self.weight
+        xc += self.bias
+        return xc
 
 
 @dataclass
@@ -108,69 +140,78 @@ class FeedForward:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:   # (L, H) -> (L, H)
         h = self.up(self.norm(x))                       # (L, 2I)
-        value, gate = np.split(h, 2, axis=-1)           # (L, I) each
-        return self.down(value * self.act(gate))
+        inner = h.shape[1] // 2
+        value = h[:, :inner]                            # views: scratch buffers from here on
+        value *= self.act(h[:, inner:])
+        return self.down(value)
 
 
 @dataclass
 class Attention:
     """Multi-head self-attention over one window, with an additive (nh, L, L) relative-position bias."""
-    q: Linear
-    k: Linear
-    v: Linear
+    qkv: Linear     # (H, 3 * nh * d): [q / sqrt(d) | k | v], fused at load
     o: Linear
     n_head: int
     head_dim: int
 
     @classmethod
     def load(cls, w, name: str, n_head: int, head_dim: int) -> "Attention":
-        return cls(*(Linear.load(w, f"{name}.{p}") for p in "qkvo"), n_head, head_dim)
+        t = lambda p: w.tensor(f"{name}.{p}")
+        scale = np.float32(head_dim ** -0.5)            # the score scale, folded into q
+        qkv = Linear.of(np.concatenate([t("q.weight") * scale, t("k.weight"), t("v.weight")]),
+                        np.concatenate([t("q.bias") * scale, t("k.bias"), t("v.bias")]))
+        return cls(qkv, Linear.load(w, f"{name}.o"), n_head, head_dim)
 
     def __call__(self, x: np.ndarray, bias: np.ndarray) -> np.ndarray:
-        L = x.shape[0]
-        q = self.q(x).reshape(L, self.n_head, self.head_dim).transpose(1, 0, 2)  # (nh, L, d)
-        k = self.k(x).reshape(L, self.n_head, self.head_dim).transpose(1, 0, 2)
-        v = self.v(x).reshape(L, self.n_head, self.head_dim).transpose(1, 0, 2)
+        L, nh, d = x.shape[0], self.n_head, self.head_dim
+        qkv = self.qkv(x).reshape(L, 3, nh, d)
+        q = np.ascontiguousarray(qkv[:, 0].transpose(1, 0, 2))    # (nh, L, d)
+        k_t = np.ascontiguousarray(qkv[:, 1].transpose(1, 2, 0))  # (nh, d, L)
+        v = np.ascontiguousarray(qkv[:, 2].transpose(1, 0, 2))    # (nh, L, d)
         # transformers also adds a constant +1 (its all-true bool mask) here: softmax ignores it.
-        s = (q @ k.transpose(0, 2, 1)) * np.float32(self.head_dim ** -0.5) + bias  # (nh, L, L)
-        s = np.exp(s - s.max(-1, keepdims=True))
-        p = s / s.sum(-1, keepdims=True)
-        y = (p @ v).transpose(1, 0, 2).reshape(L, self.n_head * self.head_dim)    # (L, H)
-        return self.o(y)
+        s = q @ k_t                                               # (nh, L, L)
+        s += bias
+        s -= s.max(-1, keepdims=True)
+        np.exp(s, out=s)
+        y = s @ v                                                 # (nh, L, d), normalised after the product
+        y /= s.sum(-1, keepdims=True)
+        return self.o(y.transpose(1, 0, 2).reshape(L, nh * d))
 
 
 @dataclass
 class ConvModule:
     """LN -> pointwise GLU -> causal depthwise conv -> pointwise -> act -> pointwise."""
     norm: LayerNorm
-    glu: Linear          # (2E, H)
-    glu_b1: np.ndarray   # (E,)
-    glu_b2: np.ndarray   # (E,)
+    glu: Linear          # (H, 2E), the GLU biases b1 / b2 folded into its bias
     glu_act: object
-    dw_weight: np.ndarray  # (H*m, K)
+    dw_weight: np.ndarray  # (K, H*m): tap-major
     dw_bias: np.ndarray    # (H*m,)
     multiplier: int
-    pw: Linear           # (D, H*m)
+    pw: Linear           # (H*m, D)
     act: object
-    out: Linear          # (E, D)
+    out: Linear          # (D, E)
 
     @classmethod
     def load(cls, w, name: str, eps: float, glu_act, act, multiplier: int) -> "ConvModule":
-        return cls(LayerNorm.load(w, f"{name}.norm", eps), Linear.load(w, f"{name}.glu"),
-                   w.tensor(f"{name}.glu_b1"), w.tensor(f"{name}.glu_b2"), glu_act,
-                   w.tensor(f"{name}.dw.weight"), w.tensor(f"{name}.dw.bias"), multiplier,
+        glu = Linear.load(w, f"{name}.glu")
+        glu.bias = glu.bias + np.concatenate([w.tensor(f"{name}.glu_b1"), w.tensor(f"{name}.glu_b2")])
+        return cls(LayerNorm.load(w, f"{name}.norm", eps), glu, glu_act,
+                   np.ascontiguousarray(w.tensor(f"{name}.dw.weight").T), w.tensor(f"{name}.dw.bias"), multiplier,
                    Linear.load(w, f"{name}.pw"), act, Linear.load(w, f"{name}.out"))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:   # (L, H) -> (L, E)
-        L = x.shape[0]
         z = self.glu(self.norm(x))                      # (L, 2E)
-        value, gate = np.split(z, 2, axis=-1)
-        z = (value + self.glu_b1) * self.glu_act(gate + self.glu_b2)  # (L, E = H)
+        E = z.shape[1] // 2
+        z, gate = z[:, :E], z[:, E:]
+        z *= self.glu_act(gate)                         # (L, E = H)
         if self.multiplier > 1:
             z = np.repeat(z, self.multiplier, axis=1)   # depthwise output channel o reads input channel o // m
-        K = self.dw_weight.shape[1]
-        zp = np.concatenate([np.zeros((K - 1, z.shape[1]), z.dtype), z])      # causal: K-1 zeros on the left
-        y = self.dw_bias + sum(zp[i:i + L] * self.dw_weight[:, i] for i in range(K))  # (L, H*m)
+        # causal depthwise conv: y[t] = b + sum_s z[t - s] * w[K-1-s], zeros before the start
+        K = self.dw_weight.shape[0]
+        y = z * self.dw_weight[K - 1]
+        y += self.dw_bias
+        for s in range(1, K):
+            y[s:] += z[:-s] * self.dw_weight[K - 1 - s]
         return self.out(self.act(self.pw(y)))
 
 
@@ -184,10 +225,13 @@ class ConformerBlock:
     norm: LayerNorm
 
     def __call__(self, x: np.ndarray, bias: np.ndarray) -> np.ndarray:  # (L, H) -> (L, H)
-        x = x + np.float32(0.5) * self.ffn_in(x)
-        x = x + self.attn(self.attn_norm(x), bias)
-        x = x + self.conv(x)
-        x = x + np.float32(0.5) * self.ffn_out(x)
+        half = np.float32(0.5)
+        x = x + half * self.ffn_in(x)                   # a new array: the caller's x is left alone
+        x += self.attn(self.attn_norm(x), bias)
+        x += self.conv(x)
+        f = self.ffn_out(x)
+        f *= half
+        x += f
         return self.norm(x)
 
 
@@ -202,15 +246,15 @@ class RelativeBias:
         pos = np.arange(L)
         rel = np.clip(pos[None, :] - pos[:, None], -self.max_distance, self.max_distance - 1)
         idx = np.abs(rel) if self.symmetric else rel + self.max_distance
-        return np.ascontiguousarray(self.table[idx].transpose(2, 0, 1))
+        return np.ascontiguousarray(self.table.T[:, idx])
 
 
 # -- conv subsampling -----------------------------------------------------------------------------
 
 def _rows(x: np.ndarray, start: int, lo: int, hi: int) -> np.ndarray:
     """Rows [lo, hi) of a sequence of which `x` holds rows [start, start + len(x)); zeros elsewhere."""
-    out = np.zeros((hi - lo,) + x.shape[1:], x.dtype)
     s, e = max(lo, start), min(hi, start + len(x))
+    out = np.zeros((hi - lo,) + x.shape[1:], x.dtype)
     out[s - lo:e - lo] = x[s - start:e - start]
     return out
 
@@ -219,14 +263,13 @@ def _rows(x: np.ndarray, start: int, lo: int, hi: int) -> np.ndarray:
 class ConvSubsampling:
     """NeMo "dw_striding": Conv2d(1, C, 3, s2, p1) -> act, then per further x2:
     depthwise Conv2d(C, 3, s2, p1) -> pointwise Conv2d(C, C, 1) -> act; then Linear(C*F', H).
-    Activations are kept channels-last (time, freq, C); time is processed in chunks so that
-    long clips never hold the (T/2, 40, C) first-layer activation whole."""
+    Activations are kept channels-last (time, freq, C); time is processed in chunks so that long clips never hold the (T/2, 40, C) first-layer activation whole."""
     conv0_w: np.ndarray              # (9, C): im2col weight of the first conv
     conv0_b: np.ndarray              # (C,)
     dw: list[tuple[np.ndarray, np.ndarray]]   # per later layer: (3, 3, C) weight, (C,) bias
     pw: list[Linear]                 # per later layer: (C, C)
-    out: Linear                      # (H, F' * C), input permuted to channels-last order f*C + c
-    act: object
+    out: Linear                      # (F' * C, H), input permuted to channels-last order f*C + c
+    act: object                      # in place
     chunk: int = 64                  # output frames per chunk
 
     @classmethod
@@ -240,35 +283,39 @@ class ConvSubsampling:
         pw = [Linear.load(w, f"sub.{i}.pw") for i in range(1, n_layers)]
         out_w = w.tensor("sub.out.weight")                                         # (H, C*F), index c*F + f
         H = out_w.shape[0]
-        out_w = np.ascontiguousarray(out_w.reshape(H, C, F).transpose(0, 2, 1).reshape(H, F * C))
+        out_w = out_w.reshape(H, C, F).transpose(0, 2, 1).reshape(H, F * C)
         return cls(np.ascontiguousarray(conv0.reshape(C, 9).T), w.tensor("sub.conv0.bias"), dw, pw,
-                   Linear(out_w, w.tensor("sub.out.bias")), activation(str(g("subsampling.activation"))))
+                   Linear.of(out_w, w.tensor("sub.out.bias")), activation(str(g("subsampling.activation"))))
 
     @property
     def n_layers(self) -> int:
         return 1 + len(self.dw)
 
-    def _layer(self, i: int, x: np.ndarray) -> np.ndarray:
-        """Stride-2 layer i: input rows [2lo-1, 2hi) with zero rows as padding, (2n+1, F, Cin) -> (n, F', C)."""
-        n = (x.shape[0] - 1) // 2
-        xp = np.pad(x, ((0, 0), (1, 1), (0, 0)))                                 # zero padding in frequency
-        F_out = (x.shape[1] - 1) // 2 + 1
-        if i == 0:
-            patches = np.lib.stride_tricks.sliding_window_view(xp[..., 0], (3, 3))[::2, ::2]  # (n, F', 3, 3)
-            y = patches.reshape(n * F_out, 9) @ self.conv0_w + self.conv0_b     # (n*F', C)
-        else:
-            w, b = self.dw[i - 1]
-            y = b + sum(xp[a:a + 2 * n - 1:2, c:c + 2 * F_out - 1:2] * w[a, c]
-                        for a in range(3) for c in range(3))                     # (n, F', C) depthwise
-            y = self.pw[i - 1](y.reshape(n * F_out, -1))                         # (n*F', C)
+    def _first(self, x: np.ndarray) -> np.ndarray:
+        """First layer, Conv2d(1, C, 3, s2, p1) as an im2col matmul: (2n+1, F) rows (zero rows as
+        padding) -> (n, F', C)."""
+        n, F = (x.shape[0] - 1) // 2, x.shape[1]
+        F_out = (F - 1) // 2 + 1
+        xp = np.pad(x, ((0, 0), (1, 1)))                                         # zero padding in frequency
+        patches = np.lib.stride_tricks.sliding_window_view(xp, (3, 3))[::2, ::2]  # (n, F', 3, 3)
+        y = patches.reshape(n * F_out, 9) @ self.conv0_w                         # (n*F', C)
+        y += self.conv0_b
         return self.act(y).reshape(n, F_out, -1)
+
+    def _later(self, i: int, x: np.ndarray, start: int, lo: int, hi: int) -> np.ndarray:
+        """Later layer i: `x` (rows, F, C) holds the input rows [start, start + rows) that outputs
+        [lo, hi) read (rows outside the sequence are zero) -> (hi - lo, F', C)."""
+        w, b = self.dw[i - 1]
+        y = _depthwise_s2(x, start, lo, hi, w, b)                                # (n, F', C)
+        n, F_out = y.shape[:2]
+        return self.act(self.pw[i - 1](y.reshape(n * F_out, -1))).reshape(n, F_out, -1)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:   # (T, n_mels) -> (ceil(T / 2^n), H)
         lengths = [x.shape[0]]
         for _ in range(self.n_layers):
             lengths.append((lengths[-1] + 1) // 2)      # Conv(k3, s2, p1): ceil(L / 2)
         T_out = lengths[-1]
-        out = np.empty((T_out, self.out.weight.shape[0]), np.float32)
+        out = np.empty((T_out, self.out.wt.shape[1]), np.float32)
         for a in range(0, T_out, self.chunk):
             b = min(a + self.chunk, T_out)
             # rows each layer must produce, top-down: outputs [lo, hi) read inputs [2lo-1, 2hi)
@@ -276,12 +323,45 @@ class ConvSubsampling:
             for l in range(self.n_layers, 0, -1):
                 lo, hi = ranges[0]
                 ranges.insert(0, (max(2 * lo - 1, 0), min(2 * hi, lengths[l - 1])))
-            y = x[ranges[0][0]:ranges[0][1], :, None]   # (rows, n_mels, 1)
-            for l in range(1, self.n_layers + 1):
-                lo, hi = ranges[l]
-                y = self._layer(l - 1, _rows(y, ranges[l - 1][0], 2 * lo - 1, 2 * hi))
-            out[a:b] = self.out(y.reshape(b - a, -1))
+            lo, hi = ranges[1]
+            y = self._first(_rows(x[ranges[0][0]:ranges[0][1]], ranges[0][0], 2 * lo - 1, 2 * hi))
+            for l in range(2, self.n_layers + 1):
+                y = self._later(l - 1, y, ranges[l - 1][0], *ranges[l])
+            np.matmul(y.reshape(b - a, -1), self.out.wt, out=out[a:b])
+        out += self.out.bias
         return out
+
+
+def _tap_range(lo: int, hi: int, offset: int, start: int, size: int) -> tuple[int, int, int]:
+    """Outputs o in [lo, hi) of a stride-2 tap whose input 2*o + offset lies in [start, start + size):
+    (o0, o1, index of o0's input relative to start)."""
+    o0 = max(lo, -((start - offset) // -2))             # ceil((start - offset) / 2)
+    o1 = min(hi, (start + size - 1 - offset) // 2 + 1)
+    return o0, o1, 2 * o0 + offset - start
+
+
+def _depthwise_s2(x: np.ndarray, start: int, lo: int, hi: int, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Depthwise 3x3 conv, stride 2, zero padding 1, channels-last: output (t, f) reads input rows
+    2t-1..2t+1 and frequencies 2f-1..2f+1. `x` (rows, F, C) holds rows [start, start + rows); every
+    row outside it is zero. Taps are applied to the output block they reach (no padded copies).
+    -> (hi - lo, F', C)."""
+    F = x.shape[1]
+    F_out = (F - 1) // 2 + 1
+    t0, t1, r = _tap_range(lo, hi, 0, start, len(x))    # the centre tap reaches every output
+    assert (t0, t1) == (lo, hi)
+    out = x[r:r + 2 * (hi - lo) - 1:2, 0:2 * F_out - 1:2] * w[1, 1]
+    out += b
+    tmp = np.empty_like(out)
+    for a in range(3):
+        t0, t1, r = _tap_range(lo, hi, a - 1, start, len(x))
+        for c in range(3):
+            f0, f1, q = _tap_range(0, F_out, c - 1, 0, F)
+            if (a, c) == (1, 1) or t1 <= t0 or f1 <= f0:
+                continue
+            t = tmp[t0 - lo:t1 - lo, f0:f1]
+            np.multiply(x[r:r + 2 * (t1 - t0) - 1:2, q:q + 2 * (f1 - f0) - 1:2], w[a, c], out=t)
+            out[t0 - lo:t1 - lo, f0:f1] += t
+    return out
 
 
 # -- encoder --------------------------------------------------------------------------------------

@@ -8,6 +8,13 @@
 
 Weights and every hyperparameter come from the GGUF written by convert/vision_encoder.py
 (phi4mm.md §3). Everything is float32; crops go through the tower in batches.
+
+Speed (bench/encoders.py): weights are transposed once at load (q/k/v fused, the 1/sqrt(d) score
+scale folded into q), so every projection is one plain GEMM over the packed tokens of all crops
+of a batch; attention runs per crop and head on contiguous (tokens, d) blocks with the softmax
+normalised after the product with v. Padded patches are masked as keys, so they are dropped as
+keys, and when embedding an image (`embed_crops`) the padded patches whose pools the HD layout cuts
+are not computed at all.
 """
 from __future__ import annotations
 
@@ -21,7 +28,6 @@ from model.gguf_weights import GGUFWeights, load_gguf
 from model.image_crops import ImageCrops, make_crops, num_image_tokens
 
 ARCH = "phi4mm-vision"
-MASKED = np.finfo(np.float32).min  # additive bias on padded keys, as the reference's eager attention
 
 
 @dataclass
@@ -62,15 +68,26 @@ class VisionConfig:
 # -- building blocks ------------------------------------------------------------------------------
 
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
-    mean = x.mean(-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) / np.sqrt(var + np.float32(eps)) * weight + bias
+    xc = x - x.mean(-1, keepdims=True)
+    var = np.einsum("...i,...i->...", xc, xc)[..., None] / np.float32(x.shape[-1])
+    xc *= np.float32(1.0) / np.sqrt(var + np.float32(eps))
+    xc *= weight
+    xc += bias
+    return xc
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
-    """gelu_pytorch_tanh."""
+    """gelu_pytorch_tanh, in place (x is a scratch buffer): 0.5 x (1 + tanh(c (x + 0.044715 x^3)))."""
     c = np.float32(np.sqrt(2.0 / np.pi))
-    return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(c * (x + np.float32(0.044715) * x * x * x)))
+    t = x * x
+    t *= np.float32(0.044715) * c
+    t += c
+    t *= x                       # c (x + 0.044715 x^3)
+    np.tanh(t, out=t)
+    t += np.float32(1.0)
+    x *= np.float32(0.5)
+    x *= t
+    return x
 
 
 def _erfc(z: np.ndarray) -> np.ndarray:
@@ -92,12 +109,15 @@ def gelu_erf(x: np.ndarray) -> np.ndarray:
 ACTIVATIONS = {"gelu_pytorch_tanh": gelu_tanh, "gelu_new": gelu_tanh, "gelu": gelu_erf}
 
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis, in place (x is a scratch buffer)."""
-    x -= x.max(-1, keepdims=True)
-    np.exp(x, out=x)
-    x /= x.sum(-1, keepdims=True)
-    return x
+def attend(q: np.ndarray, k_t: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """One head: softmax(q k^T) v for q (n, d) (already scaled), k_t (d, m), v (m, d) -> (n, d).
+    The softmax is normalised after the product with v (n*d divisions instead of n*m)."""
+    s = q @ k_t                               # (n, m)
+    s -= s.max(-1, keepdims=True)
+    np.exp(s, out=s)
+    out = s @ v
+    out /= s.sum(-1, keepdims=True)
+    return out
 
 
 def navit_position_ids(masks: np.ndarray, positions_per_side: int) -> np.ndarray:
@@ -122,42 +142,73 @@ def navit_position_ids(masks: np.ndarray, positions_per_side: int) -> np.ndarray
 
 # -- the model --------------------------------------------------------------------------------------
 
+@dataclass
+class Segment:
+    """One crop's tokens inside the packed (tokens, C) activations of a tower batch."""
+    start: int
+    end: int
+    keys: np.ndarray | None   # positions (within the segment) of the unpadded patches; None = all
+
+
+def _t(w: np.ndarray) -> np.ndarray:
+    """(out, in) weight -> contiguous (in, out), so that `x @ w` is a plain GEMM."""
+    return np.ascontiguousarray(np.asarray(w, dtype=np.float32).T)
+
+
 class Block:
-    """Pre-LN transformer block: x += attn(ln1(x)); x += mlp(ln2(x))."""
+    """Pre-LN transformer block: x += attn(ln1(x)); x += mlp(ln2(x)).
+
+    Works on packed tokens (N, C): the crops of a batch one after the other (each possibly
+    without the padded patches nobody needs), attention within each crop (`Segment`)."""
 
     def __init__(self, w: GGUFWeights, i: int, cfg: VisionConfig):
         t = lambda name: w.tensor(f"v.blk.{i}.{name}")
+        self.heads, self.head_dim = cfg.heads, cfg.hidden // cfg.heads
+        scale = np.float32(self.head_dim ** -0.5)               # folded into q
         self.ln1_w, self.ln1_b = t("ln1.weight"), t("ln1.bias")
-        self.q_w, self.q_b = t("attn_q.weight"), t("attn_q.bias")   # (C, C), (C,)
-        self.k_w, self.k_b = t("attn_k.weight"), t("attn_k.bias")
-        self.v_w, self.v_b = t("attn_v.weight"), t("attn_v.bias")
-        self.o_w, self.o_b = t("attn_out.weight"), t("attn_out.bias")
+        self.qkv_w = _t(np.concatenate([t("attn_q.weight") * scale, t("attn_k.weight"), t("attn_v.weight")]))
+        self.qkv_b = np.concatenate([t("attn_q.bias") * scale, t("attn_k.bias"), t("attn_v.bias")])  # (3C,)
+        self.o_w, self.o_b = _t(t("attn_out.weight")), t("attn_out.bias")       # (C, C), (C,)
         self.ln2_w, self.ln2_b = t("ln2.weight"), t("ln2.bias")
-        self.up_w, self.up_b = t("ffn_up.weight"), t("ffn_up.bias")       # (F, C), (F,)
-        self.down_w, self.down_b = t("ffn_down.weight"), t("ffn_down.bias")  # (C, F), (C,)
-        self.cfg = cfg
+        self.up_w, self.up_b = _t(t("ffn_up.weight")), t("ffn_up.bias")         # (C, F), (F,)
+        self.down_w, self.down_b = _t(t("ffn_down.weight")), t("ffn_down.bias")  # (F, C), (C,)
+        self.eps = cfg.eps
         self.act = ACTIVATIONS[cfg.act]
 
-    def attention(self, x: np.ndarray, key_bias: np.ndarray) -> np.ndarray:
-        B, T, C = x.shape
-        H = self.cfg.heads
-        hd = C // H
-        q = (x @ self.q_w.T + self.q_b).reshape(B, T, H, hd).transpose(0, 2, 1, 3)  # (B, H, T, hd)
-        k = (x @ self.k_w.T + self.k_b).reshape(B, T, H, hd).transpose(0, 2, 1, 3)
-        v = (x @ self.v_w.T + self.v_b).reshape(B, T, H, hd).transpose(0, 2, 1, 3)
-        att = q @ k.transpose(0, 1, 3, 2)                             # (B, H, T, T)
-        att *= np.float32(hd ** -0.5)
-        att += key_bias[:, None, None, :]                             # padded keys get ~0 weight
-        att = softmax(att)
-        y = (att @ v).transpose(0, 2, 1, 3).reshape(B, T, C)           # (B, T, C)
-        return y @ self.o_w.T + self.o_b
+    def attention(self, x: np.ndarray, segments: list[Segment]) -> np.ndarray:
+        N, C = x.shape
+        H, hd = self.heads, self.head_dim
+        qkv = x @ self.qkv_w
+        qkv += self.qkv_b                                             # (N, 3C) = [q*scale | k | v]
+        y = np.empty((N, C), np.float32)
+        for seg in segments:
+            n = seg.end - seg.start
+            t = qkv[seg.start:seg.end].reshape(n, 3, H, hd)
+            kv = t[:, 1:] if seg.keys is None else t[seg.keys, 1:]     # (m, 2, H, hd), padded keys dropped
+            q = np.ascontiguousarray(t[:, 0].transpose(1, 0, 2))      # (H, n, hd)
+            k_t = np.ascontiguousarray(kv[:, 0].transpose(1, 2, 0))   # (H, hd, m)
+            v = np.ascontiguousarray(kv[:, 1].transpose(1, 0, 2))     # (H, m, hd)
+            out = y[seg.start:seg.end].reshape(n, H, hd)
+            if k_t.shape[-1] == 0:     # every patch padded: the reference's mask makes the weights uniform
+                out[:] = t[:, 2].mean(0)
+                continue
+            for h in range(H):
+                out[:, h] = attend(q[h], k_t[h], v[h])
+        out = y @ self.o_w
+        out += self.o_b
+        return out
 
     def mlp(self, x: np.ndarray) -> np.ndarray:
-        return self.act(x @ self.up_w.T + self.up_b) @ self.down_w.T + self.down_b
+        h = x @ self.up_w
+        h += self.up_b
+        out = self.act(h) @ self.down_w
+        out += self.down_b
+        return out
 
-    def __call__(self, x: np.ndarray, key_bias: np.ndarray) -> np.ndarray:
-        x = x + self.attention(layer_norm(x, self.ln1_w, self.ln1_b, self.cfg.eps), key_bias)
-        x = x + self.mlp(layer_norm(x, self.ln2_w, self.ln2_b, self.cfg.eps))
+    def __call__(self, x: np.ndarray, segments: list[Segment]) -> np.ndarray:
+        """x (N, C) is updated in place and returned."""
+        x += self.attention(layer_norm(x, self.ln1_w, self.ln1_b, self.eps), segments)
+        x += self.mlp(layer_norm(x, self.ln2_w, self.ln2_b, self.eps))
         return x
 
 
@@ -169,15 +220,15 @@ class VisionEncoder:
         if cfg.hidden % cfg.heads:
             raise ValueError(f"vision width {cfg.hidden} is not divisible by {cfg.heads} heads")
         t = weights.tensor
-        self.patch_w = t("v.patch_embd.weight")          # (C, 3, P, P)
+        self.patch_w = _t(t("v.patch_embd.weight").reshape(cfg.hidden, -1))  # (3*P*P, C)
         self.patch_b = t("v.patch_embd.bias")            # (C,)
         self.pos_emb = t("v.position_embd.weight")       # (side^2, C)
         self.blocks = [Block(weights, i, cfg) for i in range(cfg.layers)]
         self.sub_sep = t("v.sub_sep")                    # (C,) after every row of tokens
         self.glb_sep = t("v.glb_sep")                    # (C,) between the sub-image and the global view
-        self.up_w, self.up_b = t("mm.up.weight"), t("mm.up.bias")          # (D, C), (D,)
-        self.down_w, self.down_b = t("mm.down.weight"), t("mm.down.bias")  # (D, D), (D,)
-        self.crop_batch = max(1, int(crop_batch))        # crops per tower batch (attention is B*H*T*T)
+        self.up_w, self.up_b = _t(t("mm.up.weight")), t("mm.up.bias")          # (C, D), (D,)
+        self.down_w, self.down_b = _t(t("mm.down.weight")), t("mm.down.bias")  # (D, D), (D,)
+        self.crop_batch = max(1, int(crop_batch))        # crops per tower batch (bounds the activations)
         side = cfg.image_size // cfg.patch_size
         if self.pos_emb.shape != (side * side, cfg.hidden):
             raise ValueError(f"position embedding {self.pos_emb.shape} does not fit a {side}x{side} patch grid")
@@ -202,23 +253,65 @@ class VisionEncoder:
 
     def patch_embed(self, pixels: np.ndarray) -> np.ndarray:
         """(B, 3, S, S) -> (B, m*m, C): the stride-P PxP convolution as one matmul, patches row-major."""
+        patches = self.patches(pixels)
+        return patches @ self.patch_w + self.patch_b
+
+    def patches(self, pixels: np.ndarray) -> np.ndarray:
+        """(B, 3, S, S) -> (B, m*m, 3*P*P) flattened PxP patches, row-major."""
         B, ch, S, _ = pixels.shape
         P = self.cfg.patch_size
         m = S // P
         patches = pixels[:, :, :m * P, :m * P].reshape(B, ch, m, P, m, P).transpose(0, 2, 4, 1, 3, 5)
-        patches = patches.reshape(B, m * m, ch * P * P)                  # (B, m*m, 3*P*P)
-        return patches @ self.patch_w.reshape(self.cfg.hidden, -1).T + self.patch_b
+        return patches.reshape(B, m * m, ch * P * P)
 
-    def tower(self, pixels: np.ndarray, masks: np.ndarray) -> np.ndarray:
-        """(B, 3, S, S) pixels, (B, m, m) patch masks -> (B, m*m, C) feature-layer states."""
+    def tower(self, pixels: np.ndarray, masks: np.ndarray, needed: np.ndarray | None = None) -> np.ndarray:
+        """(B, 3, S, S) pixels, (B, m, m) patch masks -> (B, m*m, C) feature-layer states.
+
+        needed: optional (B, m*m) bool, the patches whose states are wanted. Padded patches are
+        masked as keys, so the others (padded, or in a crop nobody needs) are simply not computed;
+        their rows come back zero. The tokens of all crops are packed into one (tokens, C) matrix."""
+        B = pixels.shape[0]
         side = self.cfg.image_size // self.cfg.patch_size
-        x = self.patch_embed(pixels)                                     # (B, T, C)
-        x = x + self.pos_emb[navit_position_ids(masks, side)]            # (B, T, C)
-        valid = masks.reshape(masks.shape[0], -1).astype(bool)           # (B, T)
-        key_bias = np.where(valid, np.float32(0.0), MASKED).astype(np.float32)
+        valid = masks.reshape(B, -1) > 0                                 # (B, T): the keys
+        if needed is None:
+            keep = np.ones_like(valid)
+        else:
+            keep = (needed | valid) & needed.any(1, keepdims=True)
+        T = valid.shape[1]
+        rows = np.flatnonzero(keep)                                      # kept tokens in (B*T) order
+        x = self.patches(pixels).reshape(B * T, -1)[rows] @ self.patch_w  # (N, C)
+        x += self.patch_b
+        x += self.pos_emb[navit_position_ids(masks, side).reshape(-1)[rows]]
+        segments, start = [], 0
+        for b in range(B):
+            is_key = valid[b, keep[b]]                                   # per kept token of crop b
+            if is_key.size:
+                keys = None if is_key.all() else np.flatnonzero(is_key)
+                segments.append(Segment(start, start + is_key.size, keys))
+                start += is_key.size
         for block in self.blocks:
-            x = block(x, key_bias)
-        return x
+            x = block(x, segments)
+        out = np.zeros((B * T, x.shape[1]), np.float32)
+        out[rows] = x
+        return out.reshape(B, T, -1)
+
+    def needed_patches(self, masks: np.ndarray, image_size: tuple[int, int]) -> np.ndarray | None:
+        """(N, m*m) bool: the patches of each crop that end up in the HD layout's tokens (the 2x2
+        pools that `hd_layout` keeps); None when the patch grid is odd (reflection padding)."""
+        N, m, _ = masks.shape
+        if m % 2:
+            return None
+        m2 = m // 2
+        down, across = image_size[0] // self.cfg.crop_size, image_size[1] // self.cfg.crop_size
+        mask2 = masks[1:1 + down * across, 0::2, 0::2].reshape(down, across, m2, m2)
+        mask2 = mask2.transpose(0, 2, 1, 3).reshape(down * m2, across * m2)
+        useful_h, useful_w = int(mask2[:, 0].sum()), int(mask2[0, :].sum())  # as hd_layout
+        grid = np.zeros((down * m2, across * m2), bool)
+        grid[:useful_h, :useful_w] = True
+        cells = np.zeros((N, m2, m2), bool)
+        cells[0] = True                                                  # the global view
+        cells[1:1 + down * across] = grid.reshape(down, m2, across, m2).transpose(0, 2, 1, 3).reshape(-1, m2, m2)
+        return cells.repeat(2, axis=1).repeat(2, axis=2).reshape(N, m * m)
 
     def pool(self, features: np.ndarray) -> np.ndarray:
         """(B, m*m, C) -> (B, m2, m2, C): 2x2 average pool (reflection-padded when m is odd)."""
@@ -231,13 +324,18 @@ class VisionEncoder:
             m += 1
         return grid.reshape(B, m // 2, 2, m // 2, 2, C).mean(axis=(2, 4))
 
-    def encode_crops(self, pixels: np.ndarray, masks: np.ndarray) -> np.ndarray:
-        """All crops of an image, `crop_batch` at a time -> (N, m2, m2, C) pooled features."""
+    def encode_crops(self, pixels: np.ndarray, masks: np.ndarray,
+                     image_size: tuple[int, int] | None = None) -> np.ndarray:
+        """All crops of an image, `crop_batch` at a time -> (N, m2, m2, C) pooled features.
+        With the canvas `image_size`, only what the HD layout keeps is computed (the pools it
+        drops, all padding, are left zero)."""
         pixels = np.asarray(pixels, dtype=np.float32)
+        masks = np.asarray(masks, dtype=np.float32)
+        needed = None if image_size is None else self.needed_patches(masks, image_size)
         out = []
         for start in range(0, pixels.shape[0], self.crop_batch):
             chunk = slice(start, start + self.crop_batch)
-            out.append(self.pool(self.tower(pixels[chunk], masks[chunk])))
+            out.append(self.pool(self.tower(pixels[chunk], masks[chunk], None if needed is None else needed[chunk])))
         return np.concatenate(out)
 
     # -- HD layout + projector -----------------------------------------------------------------------
@@ -261,12 +359,16 @@ class VisionEncoder:
 
     def project(self, tokens: np.ndarray) -> np.ndarray:
         """(n, C) -> (n, D): Linear -> GELU(erf) -> Linear."""
-        return gelu_erf(tokens @ self.up_w.T + self.up_b) @ self.down_w.T + self.down_b
+        h = tokens @ self.up_w
+        h += self.up_b
+        out = gelu_erf(h) @ self.down_w
+        out += self.down_b
+        return out
 
     def embed_crops(self, pixels: np.ndarray, masks: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
         """Preprocessed crops ((1+N, 3, S, S), (1+N, m, m), canvas (H, W)) -> (n_tokens, D)."""
         masks = np.asarray(masks, dtype=np.float32)
-        pooled = self.encode_crops(pixels, masks)
+        pooled = self.encode_crops(pixels, masks, image_size)
         return self.project(self.hd_layout(pooled, masks, image_size)).astype(np.float32)
 
     def embed(self, image: Image.Image, max_crops: int | None = None) -> np.ndarray:
