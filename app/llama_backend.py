@@ -146,37 +146,36 @@ class LlamaContext:
 
     def decode_tokens(self, tokens: list[int], pos0: int, want_logits: bool) -> None:
         """Prefill `tokens` at positions pos0..; chunks of n_batch (a larger batch aborts llama.cpp)."""
-        for start in range(0, len(tokens), self.n_batch):
-            chunk = tokens[start:start + self.n_batch]
-            b = self._tokens
-            b.n_tokens = len(chunk)
-            for i, tok in enumerate(chunk):
+        def fill(b, start: int, stop: int) -> None:
+            for i, tok in enumerate(tokens[start:stop]):
                 b.token[i] = tok
-                b.pos[i] = pos0 + start + i
-                b.n_seq_id[i] = 1
-                b.seq_id[i][0] = 0
-                b.logits[i] = 0
-            last_chunk = start + self.n_batch >= len(tokens)
-            b.logits[len(chunk) - 1] = int(want_logits and last_chunk)
-            self._decode(b)
+
+        self._decode_chunks(self._tokens, len(tokens), pos0, want_logits, fill)
 
     def decode_embeddings(self, rows: np.ndarray, pos0: int, want_logits: bool) -> None:
         """Prefill embedding rows (n, n_embd) in place of tokens, chunked like tokens."""
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         if rows.ndim != 2 or rows.shape[1] != self.model.n_embd:
             raise ValueError(f"embeddings must be (n, {self.model.n_embd}), got {rows.shape}")
-        for start in range(0, len(rows), self.n_batch):
-            chunk = rows[start:start + self.n_batch]
-            b = self._embeds
-            b.n_tokens = len(chunk)
+
+        def fill(b, start: int, stop: int) -> None:
+            chunk = rows[start:stop]
             ctypes.memmove(b.embd, chunk.ctypes.data, chunk.nbytes)
-            for i in range(len(chunk)):
+
+        self._decode_chunks(self._embeds, len(rows), pos0, want_logits, fill)
+
+    def _decode_chunks(self, b, n: int, pos0: int, want_logits: bool, fill) -> None:
+        """Decode n positions in batches of at most n_batch; `fill` writes each batch's inputs."""
+        for start in range(0, n, self.n_batch):
+            stop = min(start + self.n_batch, n)
+            b.n_tokens = stop - start
+            fill(b, start, stop)
+            for i in range(stop - start):
                 b.pos[i] = pos0 + start + i
                 b.n_seq_id[i] = 1
                 b.seq_id[i][0] = 0
                 b.logits[i] = 0
-            last_chunk = start + self.n_batch >= len(rows)
-            b.logits[len(chunk) - 1] = int(want_logits and last_chunk)
+            b.logits[stop - start - 1] = int(want_logits and stop == n)
             self._decode(b)
 
     def _decode(self, batch) -> None:
