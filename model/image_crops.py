@@ -147,17 +147,16 @@ def _aa_bilinear_int16_weights(in_size: int, out_size: int) -> tuple[np.ndarray,
     support = scale if scale >= 1.0 else 1.0
     invscale = 1.0 / scale if scale >= 1.0 else 1.0
     taps = int(math.ceil(support)) * 2 + 1
-    weights = np.zeros((out_size, taps), dtype=np.float64)
-    index = np.zeros((out_size, taps), dtype=np.int64)
-    for i in range(out_size):
-        center = scale * (i + 0.5)
-        xmin = max(int(center - support + 0.5), 0)
-        xsize = min(int(center + support + 0.5), in_size) - xmin
-        j = np.arange(xsize)
-        w = np.maximum(1.0 - np.abs((j + xmin - center + 0.5) * invscale), 0.0)
-        total = w.sum()
-        weights[i, :xsize] = w / total if total != 0.0 else w
-        index[i, :xsize] = xmin + j
+    center = scale * (np.arange(out_size) + 0.5)                                  # (out,)
+    xmin = np.maximum((center - support + 0.5).astype(np.int64), 0)                # int(): toward zero, as C
+    xsize = np.minimum((center + support + 0.5).astype(np.int64), in_size) - xmin
+    j = np.arange(taps)[None, :]                                                  # (1, taps)
+    inside = j < xsize[:, None]                                                   # (out, taps)
+    w = np.maximum(1.0 - np.abs((j + xmin[:, None] - center[:, None] + 0.5) * invscale), 0.0)
+    w = np.where(inside, w, 0.0)
+    total = np.cumsum(w, axis=1)[:, -1:]                   # summed left to right, as the reference's loop
+    weights = np.divide(w, total, out=w.copy(), where=total != 0.0)
+    index = np.where(inside, xmin[:, None] + j, 0)
     w_max = weights.max()
     precision = 0
     while precision < 22 and int(0.5 + w_max * (1 << (precision + 1))) < (1 << 15):
