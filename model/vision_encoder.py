@@ -268,8 +268,10 @@ class VisionEncoder:
         """(B, 3, S, S) pixels, (B, m, m) patch masks -> (B, m*m, C) feature-layer states.
 
         needed: optional (B, m*m) bool, the patches whose states are wanted. Padded patches are
-        masked as keys, so the others (padded, or in a crop nobody needs) are simply not computed;
-        their rows come back zero. The tokens of all crops are packed into one (tokens, C) matrix."""
+        masked as keys, so no other state depends on them: the padded patches not needed, and
+        crops with nothing needed, are not computed (their rows come back zero). Every unpadded
+        patch of a crop in use is computed (it is a key). The tokens of all crops are packed into
+        one (tokens, C) matrix."""
         B = pixels.shape[0]
         side = self.cfg.image_size // self.cfg.patch_size
         valid = masks.reshape(B, -1) > 0                                 # (B, T): the keys
