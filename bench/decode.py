@@ -215,8 +215,11 @@ def interleaved(reps: int, a: Callable[[int], Run], b: Callable[[int], Run]) -> 
     return runs_a, runs_b
 
 
+Row = tuple[str, str, str, str]  # label, ours, theirs, ratio (or difference)
+
+
 def compare(label: str, a: list[Run], b: list[Run], metric: Callable[[Run], float], fmt: str,
-            diff: bool = False) -> tuple[str, str, str, str]:
+            diff: bool = False) -> Row:
     """A table row: median of each side, and the median of the per-repetition ratios (or differences)."""
     if diff:
         last = fmt.format(med(metric(x) - metric(y) for x, y in zip(a, b)))
@@ -226,7 +229,7 @@ def compare(label: str, a: list[Run], b: list[Run], metric: Callable[[Run], floa
     return label, fmt.format(med(metric(x) for x in a)), fmt.format(med(metric(y) for y in b)), last
 
 
-def split_rows(a: list[Run], b: list[Run]) -> list[tuple[str, str, str, str]]:
+def split_rows(a: list[Run], b: list[Run]) -> list[Row]:
     """Time to first token = time inside llama_decode + the rest (template, tokenising, sampling)."""
     return [compare("  inside llama_decode, ms", a, b, lambda r: r.in_decode_s * 1e3, "{:.1f}", diff=True),
             compare("  rest (template, tokenise, sample), ms", a, b,
@@ -313,6 +316,76 @@ def find_decode_prompt(engine: Engine, n_tokens: int, tries: int = 50) -> list[d
     return best
 
 
+def print_setup(engine: Engine, theirs: Theirs, threads: int, reps: int) -> None:
+    """What runs where, read back from both llama.cpp contexts."""
+    ours_ctx, theirs_ctx = engine._short.ctx.ptr, theirs.llm.ctx
+    flash = theirs.llm.context_params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    print(f"model      {engine.model.path} ({engine.manifest.get('outtype', '?')}, "
+          f"{engine.model.meta('phi3.block_count')} layers, vocab {engine.model.n_vocab})")
+    print(f"machine    {cpu_name()}, {os.cpu_count()} cores; threads {threads}; "
+          f"llama-cpp-python {llama_cpp.__version__}")
+    print("contexts   ours/theirs: " + ", ".join(
+        f"{name} {getter(ours_ctx)}/{getter(theirs_ctx)}" for name, getter in
+        (("n_ctx", llama_cpp.llama_n_ctx), ("n_batch", llama_cpp.llama_n_batch),
+         ("n_ubatch", llama_cpp.llama_n_ubatch), ("threads", llama_cpp.llama_n_threads)))
+          + f", flash attention off/{'on' if flash else 'off'}")
+    print(f"runs       {reps} interleaved repetitions after a warm-up; medians", flush=True)
+
+
+def prefill_phase(engine: Engine, theirs: Theirs, reps: int, n_tokens: int) -> list[Row]:
+    body = filler(engine, n_tokens, 1)
+
+    def prompt(r: int) -> list[dict]:  # a new first word each time: nothing to reuse but `<|user|>`
+        return [{"role": "user", "content": f"Request {r}: {body}"}]
+
+    ours(engine, prompt(-1), 1), theirs.run(rendered(engine, prompt(-1)), 1, cold=True)  # warm-up
+    a, b = interleaved(reps, lambda r: clocked(lambda: ours(engine, prompt(r), 1)),
+                       lambda r: clocked(lambda: theirs.run(rendered(engine, prompt(r)), 1, cold=True)))
+    n = round(med(x.new_tokens for x in a))
+    row = compare(f"prefill {n} tok, tok/s", a, b, lambda r: r.prefill_rate, "{:.1f}")
+    print(f"  prefill done ({row[1]} vs {row[2]} tok/s)", flush=True)
+    return [row] + split_rows(a, b)
+
+
+def decode_phase(engine: Engine, theirs: Theirs, reps: int, n_tokens: int) -> list[Row]:
+    messages = find_decode_prompt(engine, n_tokens)
+    text = rendered(engine, messages)
+    theirs.run(text, n_tokens, cold=True)  # warm-up
+    a, b = interleaved(reps, lambda r: clocked(lambda: ours(engine, messages, n_tokens)),
+                       lambda r: clocked(lambda: theirs.run(text, n_tokens, cold=False)))
+    same = sum(x.tokens == y.tokens for x, y in zip(a, b))
+    diverge = min((first_difference(x.tokens, y.tokens) for x, y in zip(a, b) if x.tokens != y.tokens),
+                  default=None)
+    note = (f" (first difference at token {diverge}: llama.cpp's logits depend on how the prompt was "
+            f"batched, and random weights have near-ties)" if diverge is not None else "")
+    print(f"  decode done; greedy tokens identical in {same}/{reps} runs{note}", flush=True)
+    return [compare(f"decode {a[0].intervals + 1} tok, tok/s (wall)", a, b, lambda r: r.decode_rate, "{:.2f}"),
+            compare("decode tok/s (median step)", a, b, lambda r: r.step_rate, "{:.2f}"),
+            compare("  inside llama_decode, ms/token", a, b, lambda r: r.inside_ms, "{:.3f}", diff=True),
+            compare("  between decodes, µs/token", a, b, lambda r: r.between_us, "{:.1f}", diff=True)]
+
+
+def turn_phase(engine: Engine, theirs: Theirs, reps: int, history_tokens: int) -> list[Row]:
+    history = chat_history(engine, history_tokens)
+    first = history + [{"role": "user", "content": "Please summarise our conversation in one sentence."}]
+    answer = engine.generate(first, max_tokens=16, temperature=0.0)
+    second = first + [{"role": "assistant", "content": answer},
+                      {"role": "user", "content": "Thanks. Now list three follow-up questions."}]
+    text = rendered(engine, second)
+
+    def warm(r: int) -> Run:
+        engine.generate(first, max_tokens=16, temperature=0.0)  # back to the end of turn one (untimed)
+        return clocked(lambda: ours(engine, second, 1))
+
+    warm(-1), theirs.run(text, 1, cold=True)  # warm-up
+    a, b = interleaved(reps, warm, lambda r: clocked(lambda: theirs.run(text, 1, cold=True)))
+    speedup = med([y.ttft_s / x.ttft_s for x, y in zip(a, b)])
+    new, reused = round(med(x.new_tokens for x in a)), round(med(x.reused_tokens for x in a))
+    row = (f"2nd turn TTFT ms (ours: {new} new + {reused} reused; theirs cold: {round(med(y.new_tokens for y in b))})",
+           f"{med(x.ttft_s for x in a) * 1000:.1f}", f"{med(y.ttft_s for y in b) * 1000:.1f}", f"{speedup:.1f}x faster")
+    return [row] + split_rows(a, b)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", nargs="?", type=Path, help="converted model folder (default: the bench cache)")
@@ -335,72 +408,15 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine.load(folder, n_ctx=args.n_ctx, n_threads=args.threads, n_batch=args.n_batch)
     n_ctx = engine._short.ctx.n_ctx  # the window a prompt under original_context uses
     theirs = Theirs(engine.model.path, n_ctx, args.n_batch, args.threads)
-    ctx_theirs = theirs.llm.ctx
-    print(f"model      {engine.model.path} ({engine.manifest.get('outtype', '?')}, "
-          f"{engine.model.meta('phi3.block_count')} layers, vocab {engine.model.n_vocab})")
-    print(f"machine    {cpu_name()}, {os.cpu_count()} cores; threads {args.threads}; "
-          f"llama-cpp-python {llama_cpp.__version__}")
-    print(f"contexts   ours n_ctx {engine._short.ctx.n_ctx} / theirs {llama_cpp.llama_n_ctx(ctx_theirs)}, "
-          f"n_batch {llama_cpp.llama_n_batch(engine._short.ctx.ptr)}/{llama_cpp.llama_n_batch(ctx_theirs)}, "
-          f"n_ubatch {llama_cpp.llama_n_ubatch(engine._short.ctx.ptr)}/{llama_cpp.llama_n_ubatch(ctx_theirs)}, "
-          f"flash attention off/"
-          f"{'on' if theirs.llm.context_params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED else 'off'}")
-    print(f"runs       {reps} interleaved repetitions after a warm-up; medians", flush=True)
+    print_setup(engine, theirs, args.threads, reps)
 
-    rows: list[tuple[str, str, str, str]] = []
-
+    rows: list[Row] = []
     if "prefill" not in args.skip:
-        body = filler(engine, args.prompt_tokens, 1)
-
-        def prompt(r: int) -> list[dict]:  # a new first word each time: nothing to reuse but `<|user|>`
-            return [{"role": "user", "content": f"Request {r}: {body}"}]
-
-        ours(engine, prompt(-1), 1), theirs.run(rendered(engine, prompt(-1)), 1, cold=True)  # warm-up
-        a, b = interleaved(reps, lambda r: clocked(lambda: ours(engine, prompt(r), 1)),
-                           lambda r: clocked(lambda: theirs.run(rendered(engine, prompt(r)), 1, cold=True)))
-        rows.append(compare(f"prefill {med(x.new_tokens for x in a)} tok, tok/s", a, b,
-                            lambda r: r.prefill_rate, "{:.1f}"))
-        print(f"  prefill done ({rows[-1][1]} vs {rows[-1][2]} tok/s)", flush=True)
-        rows += split_rows(a, b)
-
+        rows += prefill_phase(engine, theirs, reps, args.prompt_tokens)
     if "decode" not in args.skip:
-        messages = find_decode_prompt(engine, n_decode)
-        text = rendered(engine, messages)
-        theirs.run(text, n_decode, cold=True)  # warm-up
-        a, b = interleaved(reps, lambda r: clocked(lambda: ours(engine, messages, n_decode)),
-                           lambda r: clocked(lambda: theirs.run(text, n_decode, cold=False)))
-        same = sum(x.tokens == y.tokens for x, y in zip(a, b))
-        diverge = min((first_difference(x.tokens, y.tokens) for x, y in zip(a, b) if x.tokens != y.tokens),
-                      default=None)
-        n = a[0].intervals + 1
-        rows.append(compare(f"decode {n} tok, tok/s (wall)", a, b, lambda r: r.decode_rate, "{:.2f}"))
-        rows.append(compare("decode tok/s (median step)", a, b, lambda r: r.step_rate, "{:.2f}"))
-        rows.append(compare("  inside llama_decode, ms/token", a, b, lambda r: r.inside_ms, "{:.3f}", diff=True))
-        rows.append(compare("  between decodes, µs/token", a, b, lambda r: r.between_us, "{:.1f}", diff=True))
-        note = (f" (first difference at token {diverge}: llama.cpp's logits depend on how the prompt was "
-                f"batched, and random weights have near-ties)" if diverge is not None else "")
-        print(f"  decode done; greedy tokens identical in {same}/{reps} runs{note}", flush=True)
-
+        rows += decode_phase(engine, theirs, reps, n_decode)
     if "turn" not in args.skip:
-        history = chat_history(engine, args.history_tokens)
-        first = history + [{"role": "user", "content": "Please summarise our conversation in one sentence."}]
-        answer = engine.generate(first, max_tokens=16, temperature=0.0)
-        second = first + [{"role": "assistant", "content": answer},
-                          {"role": "user", "content": "Thanks. Now list three follow-up questions."}]
-        text = rendered(engine, second)
-
-        def warm(r: int) -> Run:
-            engine.generate(first, max_tokens=16, temperature=0.0)  # back to the end of turn one (untimed)
-            return clocked(lambda: ours(engine, second, 1))
-
-        warm(-1), theirs.run(text, 1, cold=True)  # warm-up
-        a, b = interleaved(reps, warm, lambda r: clocked(lambda: theirs.run(text, 1, cold=True)))
-        speedup = med([y.ttft_s / x.ttft_s for x, y in zip(a, b)])
-        rows.append((f"2nd turn TTFT ms (ours: {med(x.new_tokens for x in a)} new + "
-                     f"{med(x.reused_tokens for x in a)} reused; theirs cold: {med(y.new_tokens for y in b)})",
-                     f"{med(x.ttft_s for x in a) * 1000:.1f}", f"{med(y.ttft_s for y in b) * 1000:.1f}",
-                     f"{speedup:.1f}x faster"))
-        rows += split_rows(a, b)
+        rows += turn_phase(engine, theirs, reps, args.history_tokens)
 
     print()
     head = ("", "ours (Engine)", "llama-cpp Llama", "ours/theirs")
