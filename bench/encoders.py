@@ -71,7 +71,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+
+from tests.signals import random_image, speechlike  # noqa: E402
 
 SR = 16000
 PAUSE_S = 0.5   # before each timed run (see `interleaved`)
@@ -132,24 +133,20 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
 
-def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([127 + 100 * np.sin(x / 23 + c) * np.cos(y / 17 - c) for c in range(3)], -1)
-    return Image.fromarray(np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8))
-
-
-def speechlike(n: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    t = np.arange(n) / SR
-    x = 0.05 * rng.standard_normal(n)
-    for f in (180.0, 440.0, 1250.0, 3100.0, 6800.0):
-        x += 0.08 * np.sin(2 * np.pi * f * t + rng.uniform(0, 6)) * (1 + np.sin(2 * np.pi * 1.3 * t + f))
-    return x.astype(np.float32)
 
 
 def set_attn(config, impl: str) -> None:
     config._attn_implementation = impl
+
+
+def reference_module(cls, config, encoder_config, seed: int) -> torch.nn.Module:
+    """transformers' embedding module `cls` with eager attention and random weights (`randomize`)."""
+    set_attn(config, "eager")
+    set_attn(encoder_config, "eager")
+    torch.manual_seed(0)
+    module = cls(config).eval()
+    randomize(module, seed)
+    return module
 
 
 ROWS: list[str] = []
@@ -177,11 +174,7 @@ def bench_vision(args, cache: Path) -> None:
     from model.vision_encoder import VisionEncoder
 
     config = Phi4MultimodalConfig(hidden_size=TEXT_HIDDEN, vision_config=dict(VISION))
-    set_attn(config, "eager")
-    set_attn(config.vision_config, "eager")
-    torch.manual_seed(0)
-    module = Phi4MultimodalImageEmbedding(config).eval()
-    randomize(module, seed=1)
+    module = reference_module(Phi4MultimodalImageEmbedding, config, config.vision_config, seed=1)
     tower_cfg = module.img_processor.config
     path = cache / "vision-f32.gguf"
     if not path.exists():
@@ -248,11 +241,7 @@ def bench_audio(args, cache: Path) -> None:
     from model.speech_encoder import SpeechEncoder
 
     config = Phi4MultimodalConfig(hidden_size=TEXT_HIDDEN, audio_config=dict(AUDIO))
-    set_attn(config, "eager")
-    set_attn(config.audio_config, "eager")
-    torch.manual_seed(0)
-    module = Phi4MultimodalAudioEmbedding(config).eval()
-    randomize(module, seed=2)
+    module = reference_module(Phi4MultimodalAudioEmbedding, config, config.audio_config, seed=2)
     fe = Phi4MultimodalFeatureExtractor()
     feats = fe(speechlike(10 * SR, seed=1), sampling_rate=SR, return_tensors="np")["audio_input_features"][0]
     with torch.no_grad():

@@ -26,6 +26,7 @@ from model.audio_features import FeatureConfig, num_audio_tokens  # noqa: E402
 from model.conformer import erf, gelu  # noqa: E402
 from model.gguf_weights import load_gguf  # noqa: E402
 from model.speech_encoder import SpeechEncoder  # noqa: E402
+from tests.signals import speechlike  # noqa: E402
 
 SR = 16000
 F32_TOL = 1e-4
@@ -44,15 +45,6 @@ def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
-
-def speechlike(n: int, seed: int = 0) -> np.ndarray:
-    """Noise + a few tones with a slow envelope, peak ~0.5: exercises the whole mel range."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(n) / SR
-    x = 0.05 * rng.standard_normal(n)
-    for f in (180.0, 440.0, 1250.0, 3100.0, 6800.0):
-        x += 0.08 * np.sin(2 * np.pi * f * t + rng.uniform(0, 6)) * (1 + np.sin(2 * np.pi * 1.3 * t + f))
-    return x.astype(np.float32)
 
 
 # -- reference model ------------------------------------------------------------------------------

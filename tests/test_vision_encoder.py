@@ -45,6 +45,7 @@ from model.image_crops import (  # noqa: E402
     make_crops, num_image_tokens, resize_bicubic, resize_bilinear_aa,
 )
 from model.vision_encoder import VisionEncoder, gelu_erf  # noqa: E402
+from tests.signals import random_image  # noqa: E402
 
 TEXT_HIDDEN = 24
 VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=2,
@@ -62,13 +63,6 @@ def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     return float(np.abs(ours.astype(np.float64) - ref).max() / np.abs(ref).max())
 
-
-def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    """Smooth colour gradients plus noise: exercises the resize more than pure noise would."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([127 + 100 * np.sin(x / 23 + c) * np.cos(y / 17 - c) for c in range(3)], -1)
-    return Image.fromarray(np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8))
 
 
 # -- fixtures -------------------------------------------------------------------------------------
