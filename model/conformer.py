@@ -24,10 +24,6 @@ import numpy as np
 
 # -- elementwise ----------------------------------------------------------------------------------
 
-def silu(x: np.ndarray) -> np.ndarray:
-    return silu_(np.array(x, dtype=np.float32))
-
-
 def silu_(x: np.ndarray) -> np.ndarray:
     """x * sigmoid(x), in place."""
     t = np.negative(x)
@@ -36,10 +32,6 @@ def silu_(x: np.ndarray) -> np.ndarray:
     t += np.float32(1)
     x /= t
     return x
-
-
-def relu(x: np.ndarray) -> np.ndarray:
-    return np.maximum(x, np.float32(0))
 
 
 def relu_(x: np.ndarray) -> np.ndarray:

@@ -251,11 +251,6 @@ class VisionEncoder:
 
     # -- tower ------------------------------------------------------------------------------------
 
-    def patch_embed(self, pixels: np.ndarray) -> np.ndarray:
-        """(B, 3, S, S) -> (B, m*m, C): the stride-P PxP convolution as one matmul, patches row-major."""
-        patches = self.patches(pixels)
-        return patches @ self.patch_w + self.patch_b
-
     def patches(self, pixels: np.ndarray) -> np.ndarray:
         """(B, 3, S, S) -> (B, m*m, 3*P*P) flattened PxP patches, row-major."""
         B, ch, S, _ = pixels.shape
@@ -304,10 +299,7 @@ class VisionEncoder:
         if m % 2:
             return None
         m2 = m // 2
-        down, across = image_size[0] // self.cfg.crop_size, image_size[1] // self.cfg.crop_size
-        mask2 = masks[1:1 + down * across, 0::2, 0::2].reshape(down, across, m2, m2)
-        mask2 = mask2.transpose(0, 2, 1, 3).reshape(down * m2, across * m2)
-        useful_h, useful_w = int(mask2[:, 0].sum()), int(mask2[0, :].sum())  # as hd_layout
+        down, across, useful_h, useful_w = self.sub_image_grid(masks, image_size)
         grid = np.zeros((down * m2, across * m2), bool)
         grid[:useful_h, :useful_w] = True
         cells = np.zeros((N, m2, m2), bool)
@@ -342,20 +334,26 @@ class VisionEncoder:
 
     # -- HD layout + projector -----------------------------------------------------------------------
 
+    def sub_image_grid(self, masks: np.ndarray, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
+        """(down, across, useful_h, useful_w): the canvas's crop grid, and how many rows and columns
+        of its pooled token grid hold image (the rest is padding that the layout cuts). The token
+        grid's mask samples every other patch."""
+        down, across = image_size[0] // self.cfg.crop_size, image_size[1] // self.cfg.crop_size
+        mask2 = masks[1:1 + down * across, 0::2, 0::2]
+        m2 = mask2.shape[1]
+        mask2 = mask2.reshape(down, across, m2, m2).transpose(0, 2, 1, 3).reshape(down * m2, across * m2)
+        return down, across, int(mask2[:, 0].sum()), int(mask2[0, :].sum())
+
     def hd_layout(self, pooled: np.ndarray, masks: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
         """Pooled crops (N, m2, m2, C) -> token sequence (n_tokens, C) in 'sub_glb' order."""
         N, m2, _, C = pooled.shape
-        down, across = image_size[0] // self.cfg.crop_size, image_size[1] // self.cfg.crop_size
+        down, across, useful_h, useful_w = self.sub_image_grid(masks, image_size)
         # global view: m2 rows of m2 tokens, each row followed by sub_sep
         glb = np.concatenate([pooled[0], np.broadcast_to(self.sub_sep, (m2, 1, C))], axis=1)  # (m2, m2+1, C)
         # sub-image: crops tiled row-major into a (down*m2, across*m2) token grid
         sub = pooled[1:1 + down * across].reshape(down, across, m2, m2, C)
         sub = sub.transpose(0, 2, 1, 3, 4).reshape(down * m2, across * m2, C)
-        # the token grid's mask samples every other patch; cut the fully padded rows / columns
-        mask2 = masks[1:1 + down * across, 0::2, 0::2].reshape(down, across, m2, m2)
-        mask2 = mask2.transpose(0, 2, 1, 3).reshape(down * m2, across * m2)
-        useful_h, useful_w = int(mask2[:, 0].sum()), int(mask2[0, :].sum())
-        sub = sub[:useful_h, :useful_w]
+        sub = sub[:useful_h, :useful_w]                                  # the fully padded rows / columns cut
         sub = np.concatenate([sub, np.broadcast_to(self.sub_sep, (useful_h, 1, C))], axis=1)  # (uh, uw+1, C)
         return np.concatenate([sub.reshape(-1, C), self.glb_sep[None, :], glb.reshape(-1, C)])
 

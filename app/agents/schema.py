@@ -26,10 +26,6 @@ class Tool:
     function: Callable[..., Any] | None = None
 
     @classmethod
-    def from_function(cls, function: Callable[..., Any], name: str | None = None, description: str | None = None) -> "Tool":
-        return tool_from_function(function, name=name, description=description)
-
-    @classmethod
     def from_openai(cls, spec: dict[str, Any], function: Callable[..., Any] | None = None) -> "Tool":
         """A tool from an OpenAI `tools` entry: {"type": "function", "function": {"name", "description", "parameters"}}."""
         spec = spec.get("function", spec)
