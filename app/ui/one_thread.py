@@ -1,8 +1,9 @@
 """Run a streaming answer in one thread of its own, whoever consumes it.
 
-The engine holds a re-entrant lock for the whole of a streamed generation, and such a lock
-must be released by the thread that took it. Gradio advances a sync generator from whichever
-worker thread is free, so the engine's generator must not be advanced by Gradio directly.
+Gradio advances a sync generator from whichever worker thread is free, one step per render of
+the page. Generating in a thread of its own keeps the model's token loop off that pace (the
+page gets the newest snapshot of the answer, not a backlog of them), keeps each generation on
+one thread from start to end, and stops it as soon as the page stops asking for more.
 """
 from __future__ import annotations
 

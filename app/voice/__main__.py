@@ -12,11 +12,12 @@ the assistant answers interrupts the answer. In hands-free mode, starting to spe
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from app import model_store
 
 from .assistant import Listener, VoiceAssistant, answer_recording
 from .capture import MicrophoneUnavailable, list_input_devices, open_microphone
@@ -26,7 +27,6 @@ from .speaker import available as speech_available
 from .wav_file import WavError, read_wav
 
 PROG = "phi4mm-voice"
-DEFAULT_MODEL_NAME = "phi-4-multimodal-instruct-q4_k_m"  # where the app keeps the converted model
 
 
 class Failure(Exception):
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description="Talk to Phi-4-multimodal in the terminal: it hears your speech directly "
         "(no separate speech-to-text) and answers in text, read aloud where espeak-ng is installed.")
     p.add_argument("--model", metavar="DIR", help="converted Phi-4-multimodal folder (python -m convert); "
-                   f"default: the app's model folder (~/.cache/phi4mm/models/{DEFAULT_MODEL_NAME})")
+                   f"default: the app's model folder ({model_store.default_model_dir()})")
     src = p.add_argument_group("input")
     src.add_argument("--wav", metavar="FILE", help="answer the speech in this WAV file instead of a microphone")
     src.add_argument("--device", help="input device: index or part of its name (default: the system's)")
@@ -114,15 +114,8 @@ def write(text: str) -> None:
 
 
 def default_model_dir() -> tuple[Path, str]:
-    """The app's model folder and the command that fills it (app.model_store decides; the
-    README's folder where that module is absent)."""
-    try:
-        from app import model_store
-    except ImportError:
-        cache = os.environ.get("XDG_CACHE_HOME", "")
-        root = Path(cache) if os.path.isabs(cache) else Path.home() / ".cache"
-        return root / "phi4mm" / "models" / DEFAULT_MODEL_NAME, "python launch.py"
-    return Path(model_store.default_model_dir()), getattr(model_store, "FULL_MODEL_COMMAND", "python launch.py")
+    """The app's model folder and the command that fills it."""
+    return model_store.default_model_dir(), model_store.FULL_MODEL_COMMAND
 
 
 def load_engine(args: argparse.Namespace) -> Any:
