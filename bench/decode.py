@@ -46,7 +46,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import llama_cpp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from app.engine import Engine  # noqa: E402
+from app.engine import Engine, _common_prefix  # noqa: E402
 from bench.make_checkpoint import CACHE, REAL, TINY, default_folder, make_checkpoint, tag  # noqa: E402
 
 SENTENCES = [
@@ -190,12 +190,7 @@ class Theirs:
 
     def _cached_prefix(self, tokens: list[int]) -> int:
         """What `Llama.generate` will keep of its cache (it re-decodes the last token of a full match)."""
-        cached = self.llm._input_ids.tolist()
-        n = 0
-        for a, b in zip(cached, tokens):
-            if a != b:
-                break
-            n += 1
+        n = _common_prefix(self.llm._input_ids.tolist(), tokens)
         return n - 1 if n == len(tokens) else n
 
     def close(self) -> None:
@@ -234,10 +229,6 @@ def split_rows(a: list[Run], b: list[Run]) -> list[Row]:
     return [compare("  inside llama_decode, ms", a, b, lambda r: r.in_decode_s * 1e3, "{:.1f}", diff=True),
             compare("  rest (template, tokenise, sample), ms", a, b,
                     lambda r: (r.ttft_s - r.in_decode_s) * 1e3, "{:.1f}", diff=True)]
-
-
-def first_difference(a: tuple, b: tuple) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def med(values) -> float:
@@ -354,7 +345,7 @@ def decode_phase(engine: Engine, theirs: Theirs, reps: int, n_tokens: int) -> li
     a, b = interleaved(reps, lambda r: clocked(lambda: ours(engine, messages, n_tokens)),
                        lambda r: clocked(lambda: theirs.run(text, n_tokens, cold=False)))
     same = sum(x.tokens == y.tokens for x, y in zip(a, b))
-    diverge = min((first_difference(x.tokens, y.tokens) for x, y in zip(a, b) if x.tokens != y.tokens),
+    diverge = min((_common_prefix(x.tokens, y.tokens) for x, y in zip(a, b) if x.tokens != y.tokens),
                   default=None)
     note = (f" (first difference at token {diverge}: llama.cpp's logits depend on how the prompt was "
             f"batched, and random weights have near-ties)" if diverge is not None else "")
