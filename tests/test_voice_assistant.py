@@ -40,7 +40,7 @@ from app.voice import (
     answer_recording,
     read_wav,
 )
-from app.voice.speaker import WavWriter, espeak_synthesizer
+from app.voice.speaker import WavWriter, espeak_synthesizer, speakable
 from app.voice.wav_file import parse_wav
 from model.audio_io import resample, to_mono
 
@@ -254,6 +254,15 @@ def test_sentences_come_out_as_soon_as_they_end():
         "It is 3.5 degrees, e.g. cold!", "Dr. Smith says: \"stay in.\"", "Really?"]
     assert splitter.push("\n1. umbrella\n2. boots\n") == ["Yes", "1. umbrella", "2. boots"]
     assert splitter.push("The end.") == [] and splitter.flush() == ["The end."] and splitter.flush() == []
+
+
+def test_what_is_read_aloud_has_no_markup_or_code():
+    answer = ("## Steps\n1. Open **settings** <br> then see [the docs](https://example.org/docs).\n"
+              "```python\nprint('x')\n```\nDone | `ok` ~")
+    assert speakable(answer) == "Steps 1. Open settings then see the docs. (code omitted) Done ok"
+    # A sentence cut out of a streamed answer may open a fence that it does not close.
+    assert speakable("Here it is: ```python") == "Here it is:"
+    assert speakable("```") == ""
 
 
 def test_speaker_reads_each_sentence_with_espeak(tmp_path):

@@ -83,10 +83,14 @@ class SentenceSplitter:
 
 
 def speakable(text: str) -> str:
-    """Text as it should be read aloud: markdown marks and code fences dropped."""
-    text = re.sub(r"```.*?(```|$)", " ", text, flags=re.S)  # a code block is not read out
-    text = re.sub(r"[*_#`>|~]+", " ", text)
+    """Text as it should be read aloud: code blocks, HTML tags, markdown marks and links'
+    targets dropped. A whole code block is said to be left out; an open fence (a sentence cut
+    out of a longer answer) is dropped with what follows it."""
+    text = re.sub(r"```.*?```", " (code omitted) ", text, flags=re.S)
+    text = re.sub(r"```.*", " ", text, flags=re.S)
+    text = re.sub(r"<[^>]+>", " ", text)
     text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", text)  # [label](url) -> label
+    text = re.sub(r"[*_#`>|~]+", " ", text)
     return " ".join(text.split())
 
 
