@@ -20,7 +20,6 @@ import re
 import shutil
 import tempfile
 import time
-import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -28,7 +27,9 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from app.agents import Agent, FinalAnswer, TextDelta, ToolCallEvent, ToolResultEvent
+from app.agents.messages import result_text
 from app.prompt import AUDIO, IMAGE, PromptError
+from app.voice.wav_file import WavError, read_wav
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant running locally on the user's computer."
 # What the model is asked when the user speaks without typing anything (Phi-4-multimodal's
@@ -222,21 +223,14 @@ def _load_image(path: str):
 
 @functools.lru_cache(maxsize=16)
 def read_audio(path: str) -> tuple[np.ndarray, int]:
-    """(samples, sample_rate) of an audio file: WAV natively, other formats through pydub + ffmpeg."""
+    """(samples, sample_rate) of an audio file: PCM or float WAV natively, other formats (and
+    WAV codecs the reader does not know) through pydub + ffmpeg."""
     try:
-        with wave.open(path, "rb") as w:
-            width, channels, rate = w.getsampwidth(), w.getnchannels(), w.getframerate()
-            raw = w.readframes(w.getnframes())
-    except (wave.Error, EOFError):
-        return _read_with_pydub(path)
-    if width == 1:
-        samples = (np.frombuffer(raw, np.uint8).astype(np.int16) - 128) * 256
-    elif width == 3:
-        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
-        samples = (b[:, 0] << 8 | b[:, 1] << 16 | b[:, 2] << 24)  # 24-bit into the top of int32
-    else:
-        samples = np.frombuffer(raw, {2: np.int16, 4: np.int32}[width])
-    return (samples.reshape(-1, channels) if channels > 1 else samples), rate
+        samples, rate = read_wav(path)
+    except WavError:
+        samples, rate = _read_with_pydub(path)
+    samples.setflags(write=False)  # cached: shared by every caller
+    return samples, rate
 
 
 def _read_with_pydub(path: str) -> tuple[np.ndarray, int]:
@@ -245,8 +239,8 @@ def _read_with_pydub(path: str) -> tuple[np.ndarray, int]:
 
         audio = AudioSegment.from_file(path)
     except Exception as e:  # pydub raises many kinds; ffmpeg missing is the usual one
-        raise AudioUnreadable(f"cannot read the audio file {Path(path).name}: WAV files always work; other "
-                              f"formats need ffmpeg ({type(e).__name__}: {e})") from None
+        raise AudioUnreadable(f"cannot read the audio file {Path(path).name}: PCM and float WAV files always "
+                              f"work; other formats need ffmpeg ({type(e).__name__}: {e})") from None
     samples = np.array(audio.get_array_of_samples())
     return (samples.reshape(-1, audio.channels) if audio.channels > 1 else samples), audio.frame_rate
 
@@ -284,10 +278,6 @@ class _WithSampling:
 
     def generate(self, messages: list[dict], **kwargs: Any):
         return self.engine.generate(messages, **{**self.extra, **kwargs})
-
-
-def _result_text(result: Any) -> str:
-    return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
 
 
 class Assistant:
@@ -407,7 +397,7 @@ class Assistant:
             start = len(agent.messages)
             events = agent.stream(self.user_message(turn))
             for event in events:
-                self._apply(turn, event)
+                self._apply(turn, event, agent.max_result_chars)
                 if isinstance(event, FinalAnswer):
                     turn.tool_messages = _between(event.result.messages, start, turn.answer)
                 yield turn
@@ -428,7 +418,7 @@ class Assistant:
         yield turn
 
     @staticmethod
-    def _apply(turn: Turn, event: Any) -> None:
+    def _apply(turn: Turn, event: Any, max_result_chars: int | None) -> None:
         if isinstance(event, TextDelta):
             turn.answer += event.text
         elif isinstance(event, ToolCallEvent):
@@ -438,7 +428,7 @@ class Assistant:
             if step is None:  # a call the model wrote but nobody could read: shown as a failed step
                 step = Step(event.name or "(unreadable call)", {})
                 turn.steps.append(step)
-            step.result = None if event.error is not None else _result_text(event.result)
+            step.result = None if event.error is not None else result_text(event, max_result_chars)
             step.error, step.seconds, step.done = event.error, event.seconds, True
         elif isinstance(event, FinalAnswer):
             turn.answer = event.text

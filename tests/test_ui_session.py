@@ -2,6 +2,7 @@
 regenerate, save/open with media, and the chat rendering."""
 from __future__ import annotations
 
+import struct
 import wave
 from pathlib import Path
 
@@ -128,6 +129,21 @@ def test_a_tool_call_is_a_step_and_stays_in_the_history():
     assert "42" in step_message["content"]
 
 
+def test_a_huge_tool_result_is_shown_as_the_model_read_it():
+    def dump() -> str:
+        """Dump everything."""
+        return "x" * 20_000
+
+    call = '[{"name": "dump", "arguments": {}}]<|/tool_call|>'
+    engine = ScriptedEngine(["<|tool_call|>", call, "Done."])
+    turn = run(Assistant(engine, tools={"dump": dump}).ask(
+        Conversation(), "Dump it.", settings=Settings(tools=["dump"])))
+    assert turn.error is None, turn.error
+    [step] = turn.steps
+    [seen] = [m["content"] for m in engine.requests[-1]["messages"] if m["role"] == "tool"]
+    assert step.result == seen and len(seen) < 9000 and seen.endswith("[... cut: 12000 more characters]")
+
+
 def test_images_and_audio_become_content_parts(media):
     image, audio = media
     engine = ScriptedEngine(["A red square."])
@@ -241,6 +257,18 @@ def test_read_audio_wav_widths_and_channels(tmp_path, width):
         w.writeframes(raw.tobytes())
     samples, rate = read_audio(str(path))
     assert rate == 22050 and samples.shape == (100, 2)
+
+
+def test_read_audio_float_wav_without_ffmpeg(tmp_path):
+    """A 32-bit float WAV (what browsers and many editors write) is read natively, not through pydub."""
+    samples = np.stack([np.linspace(-1, 1, 160), np.zeros(160)], axis=1).astype("<f4")
+    fmt = struct.pack("<HHIIHH", 3, 2, 48000, 48000 * 8, 8, 32)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", samples.nbytes)
+    path = tmp_path / "float.wav"
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(body) + samples.nbytes) + body + samples.tobytes())
+    read, rate = read_audio(str(path))
+    assert rate == 48000 and read.dtype == np.float32 and np.array_equal(read, samples)
+    assert not read.flags.writeable  # the cached copy cannot be changed by one of its users
 
 
 def test_format_stats():

@@ -9,7 +9,7 @@
 import json
 from typing import Any, Sequence
 
-from .events import ToolStep
+from .events import ToolResultEvent, ToolStep
 from .parsing import TOOL_CALL_END, TOOL_CALL_START, ToolCall
 from .schema import Tool
 
@@ -41,7 +41,7 @@ def result_message(step: ToolStep, max_chars: int | None = None) -> dict[str, An
     return {"role": "tool", "content": result_text(step, max_chars)}
 
 
-def result_text(step: ToolStep, max_chars: int | None = None) -> str:
+def result_text(step: ToolStep | ToolResultEvent, max_chars: int | None = None) -> str:
     """What the model reads as the tool's result: text as is, anything else as JSON."""
     if step.error is not None:
         text = json.dumps({"error": step.error}, ensure_ascii=False)
