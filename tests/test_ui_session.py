@@ -154,7 +154,8 @@ def test_images_and_audio_become_content_parts(media):
     assert [p["type"] for p in parts] == ["image", "audio", "text"]
     assert parts[0]["image"].size == (64, 48) and parts[0]["max_crops"] == 2
     samples, rate = parts[1]["audio"]
-    assert rate == 8000 and samples.dtype == np.int16 and len(samples) == 8000
+    written = (np.sin(np.arange(8000) / 5) * 8000).astype(np.int16)  # what the `media` fixture wrote
+    assert rate == 8000 and samples.dtype == np.float32 and np.array_equal(samples, written / np.float32(32768))
     assert turn.stats["adapter"] == "vision"
     assert "vision LoRA" in chat_messages(conv)[-1]["content"]
     user = chat_messages(conv)[0]["content"]
