@@ -21,6 +21,9 @@ medians and the ratio is reference time / our time (> 1: ours is faster), in wal
 in process CPU time (which other processes competing for the cores do not inflate; with 2 threads
 it also counts spinning worker threads).
 
+The "GEMMs alone" rows replay the matrix products of one of our runs as bare numpy matmuls of
+the same shapes (`linear_floor`, `tower_gemm_floor`): how fast float32 numpy could be at best.
+
 transformers computes all 27 vision layers (+ post_layernorm + pooling head) to return
 hidden_states[-2]; "eager-26" is the same module cut to 26 layers, i.e. the same work as ours.
 SDPA is shown for information: for the audio it equals eager; for vision it is WRONG on crops
@@ -222,6 +225,8 @@ def bench_vision(args, cache: Path) -> None:
         t = interleaved(fns, args.repeats, warm=False)
         row("vision", case, "forward vs eager-27 (as shipped)", t["ours"], t["eager-27"], f"err {err['eager-27']:.1e}")
         row("vision", case, "forward vs eager-26 (same work)", t["ours"], t["eager-26"], f"err {err['eager-26']:.1e}")
+        row("vision", case, "our tower's GEMMs alone vs eager-27", tower_gemm_floor(ours_run, args.repeats),
+            t["eager-27"], "the best ratio f32 numpy could reach: everything but the tower's products free")
         if "sdpa-26" in t:
             row("vision", case, "forward vs sdpa-26 (info)", t["ours"], t["sdpa-26"],
                 f"err {err['sdpa-26']:.1e}" + (" (causal!)" if err["sdpa-26"] > 1e-3 else ""))
@@ -320,6 +325,41 @@ def linear_floor(run, repeats: int) -> Timing:
     def replay():
         for rows, wt in calls:
             inputs[rows, wt.shape[0]] @ wt
+    return interleaved({"floor": replay}, repeats)["floor"]
+
+
+def tower_gemm_floor(run, repeats: int) -> Timing:
+    """The time of `run`'s SigLIP matrix products alone: each block call of one run is recorded
+    (tokens, crops) and its products replayed as bare matmuls on random inputs of their shapes:
+    q/k/v, output and MLP projections of all tokens, and per crop and head q k^T and s v.
+    Patch embedding, pooling, projector and all elementwise work are left out."""
+    from model.vision_encoder import Block
+
+    calls, call = [], Block.__call__
+    Block.__call__ = lambda self, x, segments: (calls.append((self, x.shape[0], segments)), call(self, x, segments))[1]
+    try:
+        run()
+    finally:
+        Block.__call__ = call
+    rng, inputs = np.random.default_rng(0), {}
+
+    def random_inputs(block: Block, N: int, segments) -> tuple:
+        """(x, mlp hidden, [(q, k^T, v) per crop]) for one tower batch, made once per shape."""
+        crops = tuple((seg.end - seg.start, seg.end - seg.start if seg.keys is None else len(seg.keys))
+                      for seg in segments)
+        if (N, crops) not in inputs:
+            rand = lambda *shape: rng.standard_normal(shape, dtype=np.float32)
+            C, F, d = block.o_w.shape[0], block.up_w.shape[1], block.head_dim
+            inputs[N, crops] = rand(N, C), rand(N, F), [(rand(n, d), rand(d, m), rand(m, d)) for n, m in crops]
+        return inputs[N, crops]
+
+    plan = [(block, random_inputs(block, N, segments)) for block, N, segments in calls]
+
+    def replay():
+        for block, (x, h, crops) in plan:
+            x @ block.qkv_w, x @ block.o_w, x @ block.up_w, h @ block.down_w
+            for q, k_t, v in crops * block.heads:
+                (q @ k_t) @ v
     return interleaved({"floor": replay}, repeats)["floor"]
 
 
