@@ -309,7 +309,7 @@ def linear_floor(run, repeats: int) -> Timing:
     """The time of `run`'s conformer Linear products alone: each `Linear` call of one run is
     recorded (input rows, weight) and replayed as a bare `x @ wt` on random inputs of that shape.
     The attention score products (4% of the FLOPs at 30 s) and all elementwise work are left out."""
-    from model.conformer import Linear
+    from model.layers import Linear
 
     calls, call = [], Linear.__call__
     Linear.__call__ = lambda self, x: (calls.append((x.shape[0], self.wt)), call(self, x))[1]
@@ -349,7 +349,7 @@ def tower_gemm_floor(run, repeats: int) -> Timing:
                       for seg in segments)
         if (N, crops) not in inputs:
             rand = lambda *shape: rng.standard_normal(shape, dtype=np.float32)
-            C, F, d = block.o_w.shape[0], block.up_w.shape[1], block.head_dim
+            C, F, d = block.o.wt.shape[0], block.up.wt.shape[1], block.head_dim
             inputs[N, crops] = rand(N, C), rand(N, F), [(rand(n, d), rand(d, m), rand(m, d)) for n, m in crops]
         return inputs[N, crops]
 
@@ -357,7 +357,7 @@ def tower_gemm_floor(run, repeats: int) -> Timing:
 
     def replay():
         for block, (x, h, crops) in plan:
-            x @ block.qkv_w, x @ block.o_w, x @ block.up_w, h @ block.down_w
+            x @ block.qkv.wt, x @ block.o.wt, x @ block.up.wt, h @ block.down.wt
             for q, k_t, v in crops * block.heads:
                 (q @ k_t) @ v
     return interleaved({"floor": replay}, repeats)["floor"]

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from model.layers import LayerNorm, Linear
+
 
 # -- elementwise ----------------------------------------------------------------------------------
 
@@ -72,50 +74,7 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
-# -- layers ---------------------------------------------------------------------------------------
-
-@dataclass
-class Linear:
-    wt: np.ndarray      # (in, out): the weight transposed at load, so that `x @ wt` is a plain GEMM
-    bias: np.ndarray    # (out,)
-
-    @classmethod
-    def of(cls, weight: np.ndarray, bias: np.ndarray) -> "Linear":
-        """From a PyTorch-layout (out, in) weight."""
-        return cls(np.ascontiguousarray(np.asarray(weight, dtype=np.float32).T), np.asarray(bias, np.float32))
-
-    @classmethod
-    def load(cls, w, name: str) -> "Linear":
-        return cls.of(w.tensor(f"{name}.weight"), w.tensor(f"{name}.bias"))
-
-    @property
-    def weight(self) -> np.ndarray:  # (out, in) view
-        return self.wt.T
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        y = x @ self.wt
-        y += self.bias
-        return y
-
-
-@dataclass
-class LayerNorm:
-    weight: np.ndarray
-    bias: np.ndarray
-    eps: float
-
-    @classmethod
-    def load(cls, w, name: str, eps: float) -> "LayerNorm":
-        return cls(w.tensor(f"{name}.weight"), w.tensor(f"{name}.bias"), eps)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        xc = x - x.mean(-1, keepdims=True)
-        var = np.einsum("...i,...i->...", xc, xc)[..., None] / np.float32(x.shape[-1])
-        xc *= np.float32(1) / np.sqrt(var + np.float32(self.eps))
-        xc *= self.weight
-        xc += self.bias
-        return xc
-
+# -- blocks ---------------------------------------------------------------------------------------
 
 @dataclass
 class FeedForward:
@@ -255,7 +214,8 @@ def _rows(x: np.ndarray, start: int, lo: int, hi: int) -> np.ndarray:
 class ConvSubsampling:
     """NeMo "dw_striding": Conv2d(1, C, 3, s2, p1) -> act, then per further x2:
     depthwise Conv2d(C, 3, s2, p1) -> pointwise Conv2d(C, C, 1) -> act; then Linear(C*F', H).
-    Activations are kept channels-last (time, freq, C); time is processed in chunks so that long clips never hold the (T/2, 40, C) first-layer activation whole."""
+    Activations are kept channels-last (time, freq, C); time is processed in chunks so that
+    long clips never hold the (T/2, 40, C) first-layer activation whole."""
     conv0_w: np.ndarray              # (9, C): im2col weight of the first conv
     conv0_b: np.ndarray              # (C,)
     dw: list[tuple[np.ndarray, np.ndarray]]   # per later layer: (3, 3, C) weight, (C,) bias

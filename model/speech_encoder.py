@@ -21,8 +21,9 @@ import numpy as np
 
 from model.audio_features import FeatureConfig, LogMel, num_audio_tokens
 from model.audio_io import to_model_audio
-from model.conformer import ConformerEncoder, Linear, gelu
+from model.conformer import ConformerEncoder, gelu
 from model.gguf_weights import GGUFWeights, load_gguf
+from model.layers import Linear
 
 ARCH = "phi4mm-audio"
 MODES = ("speech", "vision")
@@ -30,8 +31,8 @@ MODES = ("speech", "vision")
 
 @dataclass
 class Projector:
-    up: Linear     # (P, H)
-    down: Linear   # (P, P)
+    up: Linear     # H -> P
+    down: Linear   # P -> P
 
     def __call__(self, x: np.ndarray) -> np.ndarray:   # (T', H) -> (T', P)
         return self.down(gelu(self.up(x)))
@@ -64,7 +65,7 @@ class SpeechEncoder:
     @property
     def hidden_size(self) -> int:
         """Width of the embeddings (the decoder's hidden size)."""
-        return self.projectors["speech"].down.weight.shape[0]
+        return self.projectors["speech"].down.wt.shape[1]
 
     def num_tokens(self, n_samples: int) -> int:
         """Audio tokens for a clip of `n_samples` at 16 kHz; ValueError for clips under one window (400 samples)."""

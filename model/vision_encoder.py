@@ -26,6 +26,7 @@ from PIL import Image
 
 from model.gguf_weights import GGUFWeights, load_gguf
 from model.image_crops import ImageCrops, make_crops, num_image_tokens
+from model.layers import LayerNorm, Linear
 
 ARCH = "phi4mm-vision"
 
@@ -66,15 +67,6 @@ class VisionConfig:
 
 
 # -- building blocks ------------------------------------------------------------------------------
-
-def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
-    xc = x - x.mean(-1, keepdims=True)
-    var = np.einsum("...i,...i->...", xc, xc)[..., None] / np.float32(x.shape[-1])
-    xc *= np.float32(1.0) / np.sqrt(var + np.float32(eps))
-    xc *= weight
-    xc += bias
-    return xc
-
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
     """gelu_pytorch_tanh, in place (x is a scratch buffer): 0.5 x (1 + tanh(c (x + 0.044715 x^3)))."""
@@ -150,11 +142,6 @@ class Segment:
     keys: np.ndarray | None   # positions (within the segment) of the unpadded patches; None = all
 
 
-def _t(w: np.ndarray) -> np.ndarray:
-    """(out, in) weight -> contiguous (in, out), so that `x @ w` is a plain GEMM."""
-    return np.ascontiguousarray(np.asarray(w, dtype=np.float32).T)
-
-
 class Block:
     """Pre-LN transformer block: x += attn(ln1(x)); x += mlp(ln2(x)).
 
@@ -165,21 +152,20 @@ class Block:
         t = lambda name: w.tensor(f"v.blk.{i}.{name}")
         self.heads, self.head_dim = cfg.heads, cfg.hidden // cfg.heads
         scale = np.float32(self.head_dim ** -0.5)               # folded into q
-        self.ln1_w, self.ln1_b = t("ln1.weight"), t("ln1.bias")
-        self.qkv_w = _t(np.concatenate([t("attn_q.weight") * scale, t("attn_k.weight"), t("attn_v.weight")]))
-        self.qkv_b = np.concatenate([t("attn_q.bias") * scale, t("attn_k.bias"), t("attn_v.bias")])  # (3C,)
-        self.o_w, self.o_b = _t(t("attn_out.weight")), t("attn_out.bias")       # (C, C), (C,)
-        self.ln2_w, self.ln2_b = t("ln2.weight"), t("ln2.bias")
-        self.up_w, self.up_b = _t(t("ffn_up.weight")), t("ffn_up.bias")         # (C, F), (F,)
-        self.down_w, self.down_b = _t(t("ffn_down.weight")), t("ffn_down.bias")  # (F, C), (C,)
-        self.eps = cfg.eps
+        self.ln1 = LayerNorm(t("ln1.weight"), t("ln1.bias"), cfg.eps)
+        self.qkv = Linear.of(                                       # C -> 3C
+            np.concatenate([t("attn_q.weight") * scale, t("attn_k.weight"), t("attn_v.weight")]),
+            np.concatenate([t("attn_q.bias") * scale, t("attn_k.bias"), t("attn_v.bias")]))
+        self.o = Linear.of(t("attn_out.weight"), t("attn_out.bias"))         # C -> C
+        self.ln2 = LayerNorm(t("ln2.weight"), t("ln2.bias"), cfg.eps)
+        self.up = Linear.of(t("ffn_up.weight"), t("ffn_up.bias"))            # C -> F
+        self.down = Linear.of(t("ffn_down.weight"), t("ffn_down.bias"))      # F -> C
         self.act = ACTIVATIONS[cfg.act]
 
     def attention(self, x: np.ndarray, segments: list[Segment]) -> np.ndarray:
         N, C = x.shape
         H, hd = self.heads, self.head_dim
-        qkv = x @ self.qkv_w
-        qkv += self.qkv_b                                             # (N, 3C) = [q*scale | k | v]
+        qkv = self.qkv(x)                                             # (N, 3C) = [q*scale | k | v]
         y = np.empty((N, C), np.float32)
         for seg in segments:
             n = seg.end - seg.start
@@ -194,21 +180,15 @@ class Block:
                 continue
             for h in range(H):
                 out[:, h] = attend(q[h], k_t[h], v[h])
-        out = y @ self.o_w
-        out += self.o_b
-        return out
+        return self.o(y)
 
     def mlp(self, x: np.ndarray) -> np.ndarray:
-        h = x @ self.up_w
-        h += self.up_b
-        out = self.act(h) @ self.down_w
-        out += self.down_b
-        return out
+        return self.down(self.act(self.up(x)))
 
     def __call__(self, x: np.ndarray, segments: list[Segment]) -> np.ndarray:
         """x (N, C) is updated in place and returned."""
-        x += self.attention(layer_norm(x, self.ln1_w, self.ln1_b, self.eps), segments)
-        x += self.mlp(layer_norm(x, self.ln2_w, self.ln2_b, self.eps))
+        x += self.attention(self.ln1(x), segments)
+        x += self.mlp(self.ln2(x))
         return x
 
 
@@ -220,14 +200,14 @@ class VisionEncoder:
         if cfg.hidden % cfg.heads:
             raise ValueError(f"vision width {cfg.hidden} is not divisible by {cfg.heads} heads")
         t = weights.tensor
-        self.patch_w = _t(t("v.patch_embd.weight").reshape(cfg.hidden, -1))  # (3*P*P, C)
-        self.patch_b = t("v.patch_embd.bias")            # (C,)
+        # the stride-P PxP patch convolution as one Linear over flattened patches: 3*P*P -> C
+        self.patch_embd = Linear.of(t("v.patch_embd.weight").reshape(cfg.hidden, -1), t("v.patch_embd.bias"))
         self.pos_emb = t("v.position_embd.weight")       # (side^2, C)
         self.blocks = [Block(weights, i, cfg) for i in range(cfg.layers)]
         self.sub_sep = t("v.sub_sep")                    # (C,) after every row of tokens
         self.glb_sep = t("v.glb_sep")                    # (C,) between the sub-image and the global view
-        self.up_w, self.up_b = _t(t("mm.up.weight")), t("mm.up.bias")          # (C, D), (D,)
-        self.down_w, self.down_b = _t(t("mm.down.weight")), t("mm.down.bias")  # (D, D), (D,)
+        self.mm_up = Linear.of(t("mm.up.weight"), t("mm.up.bias"))        # C -> D
+        self.mm_down = Linear.of(t("mm.down.weight"), t("mm.down.bias"))  # D -> D
         self.crop_batch = max(1, int(crop_batch))        # crops per tower batch (bounds the activations)
         side = cfg.image_size // cfg.patch_size
         if self.pos_emb.shape != (side * side, cfg.hidden):
@@ -276,8 +256,7 @@ class VisionEncoder:
             keep = (needed | valid) & needed.any(1, keepdims=True)
         T = valid.shape[1]
         rows = np.flatnonzero(keep)                                      # kept tokens in (B*T) order
-        x = self.patches(pixels).reshape(B * T, -1)[rows] @ self.patch_w  # (N, C)
-        x += self.patch_b
+        x = self.patch_embd(self.patches(pixels).reshape(B * T, -1)[rows])  # (N, C)
         x += self.pos_emb[navit_position_ids(masks, side).reshape(-1)[rows]]
         segments, start = [], 0
         for b in range(B):
@@ -359,11 +338,7 @@ class VisionEncoder:
 
     def project(self, tokens: np.ndarray) -> np.ndarray:
         """(n, C) -> (n, D): Linear -> GELU(erf) -> Linear."""
-        h = tokens @ self.up_w
-        h += self.up_b
-        out = gelu_erf(h) @ self.down_w
-        out += self.down_b
-        return out
+        return self.mm_down(gelu_erf(self.mm_up(tokens)))
 
     def embed_crops(self, pixels: np.ndarray, masks: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
         """Preprocessed crops ((1+N, 3, S, S), (1+N, m, m), canvas (H, W)) -> (n_tokens, D)."""
