@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
+from model.format import DEFAULT_OUTTYPE, is_converted
+
 REPO_ID = "microsoft/Phi-4-multimodal-instruct"
-DEFAULT_OUTTYPE = "q4_k_m"
-MANIFEST = "manifest.json"
 # The one command that gets the full model (download + convert, no fallback).
 FULL_MODEL_COMMAND = "python launch.py --download"
 # What the converter reads: configs, tokenizer, weights and the LoRA folders. The repository
@@ -158,7 +158,7 @@ class ModelStore:
 
     def is_ready(self) -> bool:
         """True when the folder holds a finished conversion (the manifest is written last)."""
-        return (self.model_dir / MANIFEST).is_file()
+        return is_converted(self.model_dir)
 
     def fetch(self) -> Path:
         """Download the checkpoint (size shown first), convert it into the model folder, return the folder."""

@@ -7,8 +7,9 @@ Vision: SigLIP so400m (27 layers, the 26 used; 1152 wide, 16 heads, MLP 4304, pa
 channels, bias distance 500) + projector to 3072.
 
 The transformers modules (`Phi4MultimodalImageEmbedding`, `Phi4MultimodalAudioEmbedding`, eager
-attention: the correct reference, phi4mm.md §11) get random weights; our GGUF (f32) is written from
-their state_dict with the converters and loaded with our encoders, so both run the same weights.
+attention: the correct reference, see docs/model.md, "transformers as the reference") get random
+weights; our GGUF (f32) is written from their state_dict with the converters and loaded with our
+encoders, so both run the same weights.
 Each thread count runs in its own process: numpy's OpenBLAS reads OPENBLAS_NUM_THREADS /
 OMP_NUM_THREADS at import, torch gets torch.set_num_threads(n).
 
@@ -27,7 +28,8 @@ the same shapes (`linear_floor`, `tower_gemm_floor`): how fast float32 numpy cou
 transformers computes all 27 vision layers (+ post_layernorm + pooling head) to return
 hidden_states[-2]; "eager-26" is the same module cut to 26 layers, i.e. the same work as ours.
 SDPA is shown for information: for the audio it equals eager; for vision it is WRONG on crops
-without padded patches (no mask -> SDPA applies `is_causal=True`, phi4mm.md §3.2 / §11), see "err".
+without padded patches (no mask -> SDPA applies `is_causal=True`; docs/model.md, "Vision encoder" and
+"transformers as the reference"), see "err".
 """
 from __future__ import annotations
 

@@ -2,10 +2,10 @@
 
     python -m bench.make_checkpoint [OUT] [--layers N] [--tiny] [--seed S]
 
-With the real shapes (phi4mm.md §1.1, §2.1, §2.3): a 32-layer 3072-wide decoder with a
-200064-row vocabulary, both LoRAs (vision r=256, speech r=320) inside the base weights,
-the SigLIP vision tower and the conformer speech encoder; bf16 safetensors in ~2 GB
-shards (about 11 GB in all). `--tiny` writes the same layout with the tiny shapes of the
+With the real shapes (docs/model.md, "Decoder" and "Checkpoint layouts"): a 32-layer
+3072-wide decoder with a 200064-row vocabulary, both LoRAs (vision r=256, speech r=320)
+inside the base weights, the SigLIP vision tower and the conformer speech encoder; bf16
+safetensors in ~2 GB shards (about 11 GB in all). `--tiny` writes the same layout with the tiny shapes of the
 tests (a 64-wide, 2-layer decoder, 512 tokens) to magnify per-token overhead.
 
 Weights are uniform random with std ~1/sqrt(fan_in) (norms ~1), generated and written
@@ -39,7 +39,7 @@ from convert.tokenizer import GPT4O_PATTERN  # noqa: E402
 
 CACHE = Path(os.environ.get("PHI4MM_BENCH_CACHE", Path.home() / ".cache" / "phi4mm-bench"))
 
-# rope_scaling.long_factor of Phi-4-mini / Phi-4-multimodal (phi4mm.md §1.1).
+# rope_scaling.long_factor of Phi-4-mini / Phi-4-multimodal (docs/model.md, "Decoder").
 LONG_FACTOR = [
     1, 1.118320672, 1.250641126, 1.398617824, 1.564103225, 1.74916897, 1.956131817, 2.187582649,
     2.446418898, 2.735880826, 3.059592084, 3.421605075, 3.826451687, 4.279200023, 4.785517845,
@@ -49,7 +49,7 @@ LONG_FACTOR = [
     32.93, 32.97, 33.28, 33.49, 33.5, 44.16, 47.77,
 ]
 
-# The special tokens at their ids in the real vocabulary (phi4mm.md §1.3).
+# The special tokens at their ids in the real vocabulary (docs/model.md, "Decoder").
 REAL_SPECIAL_IDS = {
     "<|endoftext|>": 199999, "<|endoftext10|>": 200010, "<|endoftext11|>": 200011, "<|endofprompt|>": 200018,
     "<|assistant|>": 200019, "<|end|>": 200020, "<|user|>": 200021, "<|system|>": 200022, "<|tool|>": 200023,
@@ -86,14 +86,14 @@ class Shapes:
     vision_alpha: int
     speech_rank: int
     speech_alpha: int
-    # SigLIP vision tower (phi4mm.md §3.1)
+    # SigLIP vision tower (docs/model.md, "Vision encoder")
     v_hidden: int
     v_layers: int
     v_heads: int
     v_intermediate: int
     v_patch: int
     v_crop: int
-    # conformer speech encoder (phi4mm.md §4.2)
+    # conformer speech encoder (docs/model.md, "Speech encoder")
     a_hidden: int
     a_heads: int
     a_blocks: int
@@ -158,7 +158,7 @@ def _conv(prefix: str, shape: tuple[int, ...]) -> list[Spec]:
 
 
 def decoder_specs(s: Shapes) -> list[Spec]:
-    """The LM with both LoRAs PEFT-wrapped in place (phi4mm.md §2.1)."""
+    """The LM with both LoRAs PEFT-wrapped in place (docs/model.md, "Checkpoint layouts")."""
     qkv = (s.heads + 2 * s.kv_heads) * s.head_dim
     linears = {"self_attn.qkv_proj": (qkv, s.hidden), "self_attn.o_proj": (s.hidden, s.heads * s.head_dim),
                "mlp.gate_up_proj": (2 * s.intermediate, s.hidden), "mlp.down_proj": (s.hidden, s.intermediate)}

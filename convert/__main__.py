@@ -5,15 +5,16 @@ import argparse
 import sys
 
 from convert.checkpoint import CheckpointError
-from convert.pipeline import OUTTYPES, convert_checkpoint
+from convert.pipeline import convert_checkpoint
+from model.format import DEFAULT_OUTTYPE, MANIFEST_FILE, OUTTYPES
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split(":", 1)[1].strip())
     parser.add_argument("src", help="checkpoint folder (either the remote-code or the transformers layout)")
-    parser.add_argument("out", help="output folder for the GGUF files and manifest.json")
-    parser.add_argument("--outtype", choices=OUTTYPES, default="q4_k_m",
-                        help="decoder storage (default q4_k_m; LoRAs become q8_0 for quantised decoders)")
+    parser.add_argument("out", help=f"output folder for the GGUF files and {MANIFEST_FILE}")
+    parser.add_argument("--outtype", choices=OUTTYPES, default=DEFAULT_OUTTYPE,
+                        help=f"decoder storage (default {DEFAULT_OUTTYPE}; LoRAs become q8_0 for quantised decoders)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
     try:

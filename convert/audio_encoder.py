@@ -1,7 +1,7 @@
 """Write the speech encoder (conformer + both audio projectors + log-mel front end) as one GGUF.
 
 Input: the transformers-native audio tensors with the prefix `model.embed_tokens_extend.audio_embed.`
-stripped (phi4mm.md §2.2), and the native `audio_config` dict. No torch, no transformers.
+stripped (docs/model.md, "Checkpoint layouts"), and the native `audio_config` dict. No torch, no transformers.
 
 `tensors` maps each native name to either a numpy array or a pair `(shape, loader)` where
 `loader()` returns the array; pairs let a large checkpoint be streamed one tensor at a time:
@@ -9,37 +9,35 @@ stripped (phi4mm.md §2.2), and the native `audio_config` dict. No torch, no tra
     {name[len(AUDIO_PREFIX):]: (ckpt.shape(name), lambda n=name: ckpt.load(name))
      for name in ckpt.names_with_prefix(AUDIO_PREFIX)}
 
-GGUF layout, arch `phi4mm-audio` (K = kernel size, C = nemo conv channels, H = encoder width,
-E = ext_pw_out_channel, D = depthwise_separable_out_channel, m = depthwise_multiplier, P = text hidden):
+The file's names, stored shapes and metadata keys are those of model/format.py (`Arch.AUDIO`,
+`AudioTensor`, `AudioKey`); `tensor_map` maps the native names onto them:
 
-    native name (audio_embed.*)                              GGUF name                  stored shape
-    encoder.encoder_embedding.global_mean / global_invstd    cmvn.mean / cmvn.invstd    (n_mels,)
-    encoder.embed.conv.0.{weight,bias}                       sub.conv0.{weight,bias}    (C, 1, 3, 3)
-    encoder.embed.conv.{3i-1}.{weight,bias}   (i = 1..n-1)   sub.{i}.dw.{weight,bias}   (C, 1, 3, 3)  depthwise
-    encoder.embed.conv.{3i}.{weight,bias}                    sub.{i}.pw.{weight,bias}   (C, C)        from (C, C, 1, 1)
-    encoder.embed.out.{weight,bias}                          sub.out.{weight,bias}      (H, C * F)    in: c*F + f
-    encoder.relative_attention_bias_layer.bias_values.weight rel_bias.weight            (buckets, heads)
-    encoder.encoders.{k}.feed_forward_in.layer_norm          blk.{k}.ffn_in.norm
-    encoder.encoders.{k}.feed_forward_in.gate_up_proj        blk.{k}.ffn_in.up          (2I, H)  rows [value | gate]
-    encoder.encoders.{k}.feed_forward_in.down_proj           blk.{k}.ffn_in.down        (H, I)
-    encoder.encoders.{k}.feed_forward_out.*                  blk.{k}.ffn_out.*          (same)
-    encoder.encoders.{k}.layer_norm_att                      blk.{k}.attn_norm
-    encoder.encoders.{k}.self_attn.{q,k,v,o}_proj            blk.{k}.attn.{q,k,v,o}
-    encoder.encoders.{k}.conv.layer_norm                     blk.{k}.conv.norm
-    encoder.encoders.{k}.conv.glu.ext_pw_conv_1d             blk.{k}.conv.glu           (2E, H)  from (2E, H, 1)
-    encoder.encoders.{k}.conv.glu.b1 / b2                    blk.{k}.conv.glu_b1 / _b2  (E,)     from (1, E, 1)
-    encoder.encoders.{k}.conv.dw_sep_conv_1d.dw_conv         blk.{k}.conv.dw            (H*m, K) from (H*m, 1, K)
-    encoder.encoders.{k}.conv.dw_sep_conv_1d.pw_conv         blk.{k}.conv.pw            (D, H*m) from (D, H*m, 1)
-    encoder.encoders.{k}.conv.ext_pw_conv_1d                 blk.{k}.conv.out           (E, D)   from (E, D, 1)
-    encoder.encoders.{k}.layer_norm                          blk.{k}.norm
-    up_proj_for_speech / down_proj_for_speech                proj.speech.up / .down     (P, H) / (P, P)
-    up_proj_for_vision_speech / down_proj_for_vision_speech  proj.vision.up / .down     (P, H) / (P, P)
-    (computed here)                                          fe.mel_filters             (n_freq * n_mels,)
+    native name (audio_embed.*)                              GGUF name (AudioTensor)    stored from
+    encoder.encoder_embedding.global_mean / global_invstd    CMVN_MEAN / CMVN_INVSTD
+    encoder.embed.conv.0                                     SUB_CONV0
+    encoder.embed.conv.{3i-1}                 (i = 1..n-1)   SUB_DW {i}
+    encoder.embed.conv.{3i}                                  SUB_PW {i}                 (C, C, 1, 1)
+    encoder.embed.out                                        SUB_OUT
+    encoder.relative_attention_bias_layer.bias_values        REL_BIAS
+    encoder.encoders.{k}.feed_forward_{in,out}.layer_norm    BLK_FFN_NORM {k} {side}
+    encoder.encoders.{k}.feed_forward_{in,out}.gate_up_proj  BLK_FFN_UP
+    encoder.encoders.{k}.feed_forward_{in,out}.down_proj     BLK_FFN_DOWN
+    encoder.encoders.{k}.layer_norm_att                      BLK_ATTN_NORM
+    encoder.encoders.{k}.self_attn.{q,k,v,o}_proj            BLK_ATTN_{Q,K,V,O}
+    encoder.encoders.{k}.conv.layer_norm                     BLK_CONV_NORM
+    encoder.encoders.{k}.conv.glu.ext_pw_conv_1d             BLK_CONV_GLU               (2E, H, 1)
+    encoder.encoders.{k}.conv.glu.b1 / b2                    BLK_CONV_GLU_B1 / _B2      (1, E, 1)
+    encoder.encoders.{k}.conv.dw_sep_conv_1d.dw_conv         BLK_CONV_DW                (H*m, 1, K)
+    encoder.encoders.{k}.conv.dw_sep_conv_1d.pw_conv         BLK_CONV_PW                (D, H*m, 1)
+    encoder.encoders.{k}.conv.ext_pw_conv_1d                 BLK_CONV_OUT               (E, D, 1)
+    encoder.encoders.{k}.layer_norm                          BLK_NORM
+    up_proj_for_speech / down_proj_for_speech                PROJ_UP / PROJ_DOWN "speech"
+    up_proj_for_vision_speech / down_proj_for_vision_speech  PROJ_UP / PROJ_DOWN "vision"
+    (computed here)                                          MEL_FILTERS
 
-Every module above has `.weight` and `.bias` unless its shape says otherwise. `fe.mel_filters`
-is the (n_fft//2+1, n_mels) bank of transformers' Phi4MultimodalFeatureExtractor flattened
-row-major; it is stored 1-D so that it stays float32 in f16 files (the shared writer keeps
-1-D tensors f32). Metadata keys (all under `phi4mm-audio.`) are listed in `_metadata`.
+`fe.mel_filters` is the (n_fft//2+1, n_mels) bank of transformers' Phi4MultimodalFeatureExtractor
+flattened row-major; it is stored 1-D so that it stays float32 in f16 files (the shared writer keeps
+1-D tensors f32). The metadata is listed in `_metadata`.
 """
 from __future__ import annotations
 
@@ -51,10 +49,12 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from convert.gguf_out import TensorSource, metadata_writer, write_gguf
+from model.format import ENCODER_STORAGE_TYPES, Arch, AudioKey, AudioTensor, arch_key
 
-ARCH = "phi4mm-audio"
+ARCH = Arch.AUDIO
 
-# transformers' default feature-extractor settings = the real model's preprocessor config (phi4mm.md §4.1).
+# transformers' default feature-extractor settings = the real model's preprocessor config
+# (docs/model.md, "Speech encoder").
 FEATURE_DEFAULTS: dict[str, Any] = {
     "sampling_rate": 16000, "feature_size": 80, "win_length": 400, "hop_length": 160, "n_fft": 512,
     "preemphasis": 0.97, "mel_min_frequency": 0.0, "mel_max_frequency": 7690.0,
@@ -95,7 +95,7 @@ def mel_filter_bank(n_fft: int, n_mels: int, sample_rate: int, f_min: float, f_m
 
     That is `audio_utils.mel_filter_bank(..., triangularize_in_mel_space=True, mel_scale="kaldi")`:
     triangles in kaldi-mel space, no normalization. It differs from the original SpeechLib bank in one
-    entry (bin 246, filter 79 is 0.0097 here, 0 there; phi4mm.md §4.1); we follow transformers.
+    entry (bin 246, filter 79 is 0.0097 here, 0 there; docs/model.md, "Speech encoder"); we follow transformers.
     """
     n_freq = n_fft // 2 + 1
     mel_freqs = np.linspace(_hz_to_mel_kaldi(f_min), _hz_to_mel_kaldi(f_max), n_mels + 2)  # filter edges/centers
@@ -149,102 +149,103 @@ def _freq_after_subsampling(n_mels: int, time_reduction: int) -> int:
 
 
 def _metadata(cfg: dict[str, Any], fe: dict[str, Any], proj_dim: int) -> dict[str, Any]:
-    a = ARCH
     h, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-    return {
-        "general.name": "Phi-4-multimodal speech encoder",
-        f"{a}.embedding_length": h,
-        f"{a}.feed_forward_length": int(cfg["intermediate_size"]),
-        f"{a}.block_count": int(cfg["num_blocks"]),
-        f"{a}.attention.head_count": heads,
-        f"{a}.attention.head_dim": h // heads,
-        f"{a}.attention.layer_norm_epsilon": LAYER_NORM_EPS,
-        f"{a}.attention.bias_max_distance": int(cfg["bias_max_distance"]),
-        f"{a}.attention.bias_symmetric": bool(cfg["bias_symmetric"]),
-        f"{a}.attention.window_frames": WINDOW_FRAMES,
-        f"{a}.activation.ffn": str(cfg["activation"]),
-        f"{a}.activation.conv": str(cfg["conv_activation"]),
-        f"{a}.activation.glu": str(cfg["conv_glu_type"]),
-        f"{a}.conv.kernel_size": int(cfg["kernel_size"]),
-        f"{a}.conv.depthwise_multiplier": int(cfg["depthwise_multiplier"]),
-        f"{a}.conv.glu_channels": int(cfg["ext_pw_out_channel"]),
-        f"{a}.conv.depthwise_out_channels": int(cfg["depthwise_separable_out_channel"]),
-        f"{a}.subsampling.time_reduction": int(cfg["time_reduction"]),
-        f"{a}.subsampling.conv_channels": int(cfg["nemo_conv_channels"]),
-        f"{a}.subsampling.final_freq": _freq_after_subsampling(int(cfg["input_size"]), int(cfg["time_reduction"])),
-        f"{a}.subsampling.activation": str(cfg["nemo_activation"]),
-        f"{a}.input_size": int(cfg["input_size"]),
-        f"{a}.downsample_rate": int(cfg["downsample_rate"]),
-        f"{a}.projection_dim": int(proj_dim),
-        f"{a}.audio_token_id": int(cfg["audio_token_id"]),
-        f"{a}.fe.sample_rate": int(fe["sampling_rate"]),
-        f"{a}.fe.n_mels": int(fe["feature_size"]),
-        f"{a}.fe.win_length": int(fe["win_length"]),
-        f"{a}.fe.hop_length": int(fe["hop_length"]),
-        f"{a}.fe.n_fft": int(fe["n_fft"]),
-        f"{a}.fe.window": "hamming",          # symmetric (periodic=False), float64 in the reference
-        f"{a}.fe.preemphasis": float(fe["preemphasis"]),
-        f"{a}.fe.pcm_scale": 32768.0,         # frames are scaled to int16 range after pre-emphasis
-        f"{a}.fe.log_floor": 1.0,             # log(max(mel_power, 1.0))
-        f"{a}.fe.mel_scale": "kaldi",
-        f"{a}.fe.mel_min_hz": float(fe["mel_min_frequency"]),
-        f"{a}.fe.mel_max_hz": float(fe["mel_max_frequency"]),
-        f"{a}.fe.compression_rate": int(fe["audio_compression_rate"]),
-        f"{a}.fe.downsample_rate": int(fe["audio_downsample_rate"]),
-        f"{a}.fe.feat_stride": int(fe["audio_feat_stride"]),
+    values = {
+        AudioKey.EMBEDDING_LENGTH: h,
+        AudioKey.FEED_FORWARD_LENGTH: int(cfg["intermediate_size"]),
+        AudioKey.BLOCK_COUNT: int(cfg["num_blocks"]),
+        AudioKey.HEAD_COUNT: heads,
+        AudioKey.HEAD_DIM: h // heads,
+        AudioKey.LAYER_NORM_EPS: LAYER_NORM_EPS,
+        AudioKey.BIAS_MAX_DISTANCE: int(cfg["bias_max_distance"]),
+        AudioKey.BIAS_SYMMETRIC: bool(cfg["bias_symmetric"]),
+        AudioKey.WINDOW_FRAMES: WINDOW_FRAMES,
+        AudioKey.ACTIVATION_FFN: str(cfg["activation"]),
+        AudioKey.ACTIVATION_CONV: str(cfg["conv_activation"]),
+        AudioKey.ACTIVATION_GLU: str(cfg["conv_glu_type"]),
+        AudioKey.CONV_KERNEL_SIZE: int(cfg["kernel_size"]),
+        AudioKey.CONV_DEPTHWISE_MULTIPLIER: int(cfg["depthwise_multiplier"]),
+        AudioKey.CONV_GLU_CHANNELS: int(cfg["ext_pw_out_channel"]),
+        AudioKey.CONV_DEPTHWISE_OUT_CHANNELS: int(cfg["depthwise_separable_out_channel"]),
+        AudioKey.SUBSAMPLING_TIME_REDUCTION: int(cfg["time_reduction"]),
+        AudioKey.SUBSAMPLING_CONV_CHANNELS: int(cfg["nemo_conv_channels"]),
+        AudioKey.SUBSAMPLING_FINAL_FREQ: _freq_after_subsampling(int(cfg["input_size"]), int(cfg["time_reduction"])),
+        AudioKey.SUBSAMPLING_ACTIVATION: str(cfg["nemo_activation"]),
+        AudioKey.INPUT_SIZE: int(cfg["input_size"]),
+        AudioKey.DOWNSAMPLE_RATE: int(cfg["downsample_rate"]),
+        AudioKey.PROJECTION_DIM: int(proj_dim),
+        AudioKey.AUDIO_TOKEN_ID: int(cfg["audio_token_id"]),
+        AudioKey.FE_SAMPLE_RATE: int(fe["sampling_rate"]),
+        AudioKey.FE_N_MELS: int(fe["feature_size"]),
+        AudioKey.FE_WIN_LENGTH: int(fe["win_length"]),
+        AudioKey.FE_HOP_LENGTH: int(fe["hop_length"]),
+        AudioKey.FE_N_FFT: int(fe["n_fft"]),
+        AudioKey.FE_WINDOW: "hamming",          # symmetric (periodic=False), float64 in the reference
+        AudioKey.FE_PREEMPHASIS: float(fe["preemphasis"]),
+        AudioKey.FE_PCM_SCALE: 32768.0,         # frames are scaled to int16 range after pre-emphasis
+        AudioKey.FE_LOG_FLOOR: 1.0,             # log(max(mel_power, 1.0))
+        AudioKey.FE_MEL_SCALE: "kaldi",
+        AudioKey.FE_MEL_MIN_HZ: float(fe["mel_min_frequency"]),
+        AudioKey.FE_MEL_MAX_HZ: float(fe["mel_max_frequency"]),
+        AudioKey.FE_COMPRESSION_RATE: int(fe["audio_compression_rate"]),
+        AudioKey.FE_DOWNSAMPLE_RATE: int(fe["audio_downsample_rate"]),
+        AudioKey.FE_FEAT_STRIDE: int(fe["audio_feat_stride"]),
     }
+    return {"general.name": "Phi-4-multimodal speech encoder",
+            **{arch_key(ARCH, key): value for key, value in values.items()}}
 
 
 # -- names ----------------------------------------------------------------------------------------
 
 def tensor_map(num_blocks: int, time_reduction: int) -> list[tuple[str, str, int | None]]:
     """(native name, GGUF name, rank to squeeze to or None) for every tensor the GGUF holds."""
+    T = AudioTensor
     rows: list[tuple[str, str, int | None]] = [
-        ("encoder.encoder_embedding.global_mean", "cmvn.mean", None),
-        ("encoder.encoder_embedding.global_invstd", "cmvn.invstd", None),
+        ("encoder.encoder_embedding.global_mean", T.CMVN_MEAN, None),
+        ("encoder.encoder_embedding.global_invstd", T.CMVN_INVSTD, None),
     ]
 
-    def linear(native: str, gguf_name: str, squeeze: int | None = None) -> None:
+    def module(native: str, gguf_name: str, squeeze: int | None = None) -> None:
         rows.append((f"{native}.weight", f"{gguf_name}.weight", squeeze))
         rows.append((f"{native}.bias", f"{gguf_name}.bias", None))
 
-    linear("encoder.embed.conv.0", "sub.conv0")
+    module("encoder.embed.conv.0", T.SUB_CONV0)
     for i in range(1, int(math.log2(time_reduction))):
-        linear(f"encoder.embed.conv.{3 * i - 1}", f"sub.{i}.dw")
-        linear(f"encoder.embed.conv.{3 * i}", f"sub.{i}.pw", 2)
-    linear("encoder.embed.out", "sub.out")
-    rows.append(("encoder.relative_attention_bias_layer.bias_values.weight", "rel_bias.weight", None))
+        module(f"encoder.embed.conv.{3 * i - 1}", T.SUB_DW.format(i=i))
+        module(f"encoder.embed.conv.{3 * i}", T.SUB_PW.format(i=i), 2)
+    module("encoder.embed.out", T.SUB_OUT)
+    rows.append(("encoder.relative_attention_bias_layer.bias_values.weight", T.REL_BIAS + ".weight", None))
     for k in range(num_blocks):
-        n, g = f"encoder.encoders.{k}", f"blk.{k}"
+        n = f"encoder.encoders.{k}"
         for side in ("in", "out"):
-            linear(f"{n}.feed_forward_{side}.layer_norm", f"{g}.ffn_{side}.norm")
-            linear(f"{n}.feed_forward_{side}.gate_up_proj", f"{g}.ffn_{side}.up")
-            linear(f"{n}.feed_forward_{side}.down_proj", f"{g}.ffn_{side}.down")
-        linear(f"{n}.layer_norm_att", f"{g}.attn_norm")
-        for p in ("q", "k", "v", "o"):
-            linear(f"{n}.self_attn.{p}_proj", f"{g}.attn.{p}")
-        linear(f"{n}.conv.layer_norm", f"{g}.conv.norm")
-        linear(f"{n}.conv.glu.ext_pw_conv_1d", f"{g}.conv.glu", 2)
-        rows.append((f"{n}.conv.glu.b1", f"{g}.conv.glu_b1", 1))
-        rows.append((f"{n}.conv.glu.b2", f"{g}.conv.glu_b2", 1))
-        linear(f"{n}.conv.dw_sep_conv_1d.dw_conv", f"{g}.conv.dw", 2)
-        linear(f"{n}.conv.dw_sep_conv_1d.pw_conv", f"{g}.conv.pw", 2)
-        linear(f"{n}.conv.ext_pw_conv_1d", f"{g}.conv.out", 2)
-        linear(f"{n}.layer_norm", f"{g}.norm")
+            module(f"{n}.feed_forward_{side}.layer_norm", T.BLK_FFN_NORM.format(bid=k, side=side))
+            module(f"{n}.feed_forward_{side}.gate_up_proj", T.BLK_FFN_UP.format(bid=k, side=side))
+            module(f"{n}.feed_forward_{side}.down_proj", T.BLK_FFN_DOWN.format(bid=k, side=side))
+        module(f"{n}.layer_norm_att", T.BLK_ATTN_NORM.format(bid=k))
+        for p, name in (("q", T.BLK_ATTN_Q), ("k", T.BLK_ATTN_K), ("v", T.BLK_ATTN_V), ("o", T.BLK_ATTN_O)):
+            module(f"{n}.self_attn.{p}_proj", name.format(bid=k))
+        module(f"{n}.conv.layer_norm", T.BLK_CONV_NORM.format(bid=k))
+        module(f"{n}.conv.glu.ext_pw_conv_1d", T.BLK_CONV_GLU.format(bid=k), 2)
+        rows.append((f"{n}.conv.glu.b1", T.BLK_CONV_GLU_B1.format(bid=k), 1))
+        rows.append((f"{n}.conv.glu.b2", T.BLK_CONV_GLU_B2.format(bid=k), 1))
+        module(f"{n}.conv.dw_sep_conv_1d.dw_conv", T.BLK_CONV_DW.format(bid=k), 2)
+        module(f"{n}.conv.dw_sep_conv_1d.pw_conv", T.BLK_CONV_PW.format(bid=k), 2)
+        module(f"{n}.conv.ext_pw_conv_1d", T.BLK_CONV_OUT.format(bid=k), 2)
+        module(f"{n}.layer_norm", T.BLK_NORM.format(bid=k))
     for mode, native in (("speech", "speech"), ("vision", "vision_speech")):
-        linear(f"up_proj_for_{native}", f"proj.{mode}.up")
-        linear(f"down_proj_for_{native}", f"proj.{mode}.down")
+        module(f"up_proj_for_{native}", T.PROJ_UP.format(mode=mode))
+        module(f"down_proj_for_{native}", T.PROJ_DOWN.format(mode=mode))
     return rows
 
 
-def _squeezed_shape(name: str, shape: tuple[int, ...], rank: int | None) -> tuple[int, ...]:
+def _squeezed_shape(native: str, shape: tuple[int, ...], rank: int | None) -> tuple[int, ...]:
     if rank is None or len(shape) == rank:
         return shape
     kept = tuple(n for n in shape if n != 1)
-    if name.endswith(".conv.dw.weight"):      # (H*m, 1, K): keep K even if it is 1
+    if native.endswith(".dw_sep_conv_1d.dw_conv.weight"):      # (H*m, 1, K): keep K even if it is 1
         kept = (shape[0], shape[-1])
     if len(kept) != rank or int(np.prod(kept)) != int(np.prod(shape)):
-        raise AudioEncoderError(f"tensor {name}: cannot squeeze shape {shape} to rank {rank}")
+        raise AudioEncoderError(f"tensor {native}: cannot squeeze shape {shape} to rank {rank}")
     return kept
 
 
@@ -273,10 +274,12 @@ def write_audio_encoder(
         missing/None keys take transformers' defaults.
     feature_config: optional feature-extractor settings (preprocessor/processor config keys such as
         `sampling_rate`, `hop_length`, `mel_max_frequency`); transformers' defaults otherwise.
-    outtype: "f32" or "f16" (2-D+ weights f16; norms, biases, CMVN and the mel bank stay f32).
+    outtype: one of ENCODER_STORAGE_TYPES, f32 or f16 (2-D+ weights f16; norms, biases, CMVN and the
+        mel bank stay f32).
     """
-    if outtype not in ("f32", "f16"):
-        raise AudioEncoderError(f"outtype {outtype!r}: the speech encoder is written as f32 or f16")
+    if outtype not in ENCODER_STORAGE_TYPES:
+        raise AudioEncoderError(f"outtype {outtype!r}: the speech encoder is written as "
+                                f"{' or '.join(ENCODER_STORAGE_TYPES)}")
     cfg = _audio_config(audio_config)
     fe = _feature_config(feature_config)
     if int(fe["feature_size"]) != int(cfg["input_size"]):
@@ -309,14 +312,19 @@ def write_audio_encoder(
     h, i_ff, heads = int(cfg["hidden_size"]), int(cfg["intermediate_size"]), int(cfg["num_attention_heads"])
     c, n_mels = int(cfg["nemo_conv_channels"]), int(cfg["input_size"])
     f_out = _freq_after_subsampling(n_mels, int(cfg["time_reduction"]))
-    proj_dim = shapes["proj.speech.up.weight"][0]
+    T = AudioTensor
+    proj_dim = shapes[T.PROJ_UP.format(mode="speech") + ".weight"][0]
     buckets = int(cfg["bias_max_distance"]) * (1 if cfg["bias_symmetric"] else 2)
     want = {
-        "cmvn.mean": (n_mels,), "sub.conv0.weight": (c, 1, 3, 3), "sub.out.weight": (h, c * f_out),
-        "rel_bias.weight": (buckets, heads), "blk.0.ffn_in.up.weight": (2 * i_ff, h),
-        "blk.0.attn.q.weight": (h, h), "blk.0.conv.dw.weight": (h * int(cfg["depthwise_multiplier"]),
-                                                                int(cfg["kernel_size"])),
-        "proj.speech.up.weight": (proj_dim, h), "proj.vision.down.weight": (proj_dim, proj_dim),
+        T.CMVN_MEAN: (n_mels,),
+        T.SUB_CONV0 + ".weight": (c, 1, 3, 3),
+        T.SUB_OUT + ".weight": (h, c * f_out),
+        T.REL_BIAS + ".weight": (buckets, heads),
+        T.BLK_FFN_UP.format(bid=0, side="in") + ".weight": (2 * i_ff, h),
+        T.BLK_ATTN_Q.format(bid=0) + ".weight": (h, h),
+        T.BLK_CONV_DW.format(bid=0) + ".weight": (h * int(cfg["depthwise_multiplier"]), int(cfg["kernel_size"])),
+        T.PROJ_UP.format(mode="speech") + ".weight": (proj_dim, h),
+        T.PROJ_DOWN.format(mode="vision") + ".weight": (proj_dim, proj_dim),
     }
     for name, shape in want.items():
         if shapes[name] != shape:
@@ -324,7 +332,7 @@ def write_audio_encoder(
 
     mel = mel_filter_bank(int(fe["n_fft"]), int(fe["feature_size"]), int(fe["sampling_rate"]),
                           float(fe["mel_min_frequency"]), float(fe["mel_max_frequency"]))
-    sources.append(TensorSource("fe.mel_filters", (mel.size,), lambda: mel.astype(np.float32).reshape(-1)))
+    sources.append(TensorSource(T.MEL_FILTERS, (mel.size,), lambda: mel.astype(np.float32).reshape(-1)))
 
     metadata = _metadata(cfg, fe, proj_dim)
-    return write_gguf(path, ARCH, metadata_writer(metadata), sources, outtype=outtype, progress=progress)
+    return write_gguf(path, ARCH, metadata_writer(metadata), sources, storage=outtype, progress=progress)

@@ -1,8 +1,9 @@
 """The Phi-4-mini decoder -> `backbone.gguf` (llama.cpp architecture `phi3`).
 
-Mirrors llama.cpp's `Phi3MiniModel` converter (phi4mm.md §6.1): fused qkv and gate_up
-tensors are kept fused, rotary is partial, the longrope factors are global tensors,
+Mirrors llama.cpp's `Phi3MiniModel` converter (docs/model.md, "GGUF files"): fused qkv and
+gate_up tensors are kept fused, rotary is partial, the longrope factors are global tensors,
 and tied embeddings are stored once (llama.cpp duplicates `token_embd` as `output`).
+Tensor names are llama.cpp's own, from gguf-py's `TENSOR_NAMES`.
 """
 from __future__ import annotations
 
@@ -10,30 +11,35 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from gguf import MODEL_TENSOR
 
 from convert.checkpoint import Checkpoint, CheckpointError, TextConfig
 from convert.gguf_out import TensorSource, write_gguf
 from convert.tokenizer import Vocab, add_vocab
+from model.format import Arch
 
-ARCH = "phi3"
-
-# native name pattern -> GGUF name; `{i}` is the layer index.
+# native name pattern -> llama.cpp tensor; `{i}` is the layer index.
 LAYER_TENSORS = {
-    "model.layers.{i}.input_layernorm.weight": "blk.{i}.attn_norm.weight",
-    "model.layers.{i}.self_attn.qkv_proj.weight": "blk.{i}.attn_qkv.weight",
-    "model.layers.{i}.self_attn.o_proj.weight": "blk.{i}.attn_output.weight",
-    "model.layers.{i}.post_attention_layernorm.weight": "blk.{i}.ffn_norm.weight",
-    "model.layers.{i}.mlp.gate_up_proj.weight": "blk.{i}.ffn_up.weight",
-    "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
+    "model.layers.{i}.input_layernorm.weight": MODEL_TENSOR.ATTN_NORM,
+    "model.layers.{i}.self_attn.qkv_proj.weight": MODEL_TENSOR.ATTN_QKV,
+    "model.layers.{i}.self_attn.o_proj.weight": MODEL_TENSOR.ATTN_OUT,
+    "model.layers.{i}.post_attention_layernorm.weight": MODEL_TENSOR.FFN_NORM,
+    "model.layers.{i}.mlp.gate_up_proj.weight": MODEL_TENSOR.FFN_UP,
+    "model.layers.{i}.mlp.down_proj.weight": MODEL_TENSOR.FFN_DOWN,
 }
 
-# LoRA target module (native, no `.weight`) -> base GGUF tensor name.
+# LoRA target module (native, no `.weight`) -> the llama.cpp tensor it adapts.
 LORA_TARGETS = {
-    "self_attn.qkv_proj": "attn_qkv.weight",
-    "self_attn.o_proj": "attn_output.weight",
-    "mlp.gate_up_proj": "ffn_up.weight",
-    "mlp.down_proj": "ffn_down.weight",
+    "self_attn.qkv_proj": MODEL_TENSOR.ATTN_QKV,
+    "self_attn.o_proj": MODEL_TENSOR.ATTN_OUT,
+    "mlp.gate_up_proj": MODEL_TENSOR.FFN_UP,
+    "mlp.down_proj": MODEL_TENSOR.FFN_DOWN,
 }
+
+
+def tensor_name(tensor: MODEL_TENSOR, layer: int | None = None) -> str:
+    """llama.cpp's name of a decoder weight: (ATTN_QKV, 3) -> `blk.3.attn_qkv.weight`."""
+    return gguf.TENSOR_NAMES[tensor].format(bid=layer) + ".weight"
 
 
 def expected_shapes(t: TextConfig) -> dict[str, tuple[int, ...]]:
@@ -68,23 +74,23 @@ def tensor_sources(ckpt: Checkpoint) -> list[TensorSource]:
         array = np.asarray(values, dtype=np.float32)
         return TensorSource(name, array.shape, lambda: array)
 
-    sources = [from_ckpt("model.embed_tokens.weight", "token_embd.weight"),
-               from_ckpt("model.norm.weight", "output_norm.weight")]
+    sources = [from_ckpt("model.embed_tokens.weight", tensor_name(MODEL_TENSOR.TOKEN_EMBD)),
+               from_ckpt("model.norm.weight", tensor_name(MODEL_TENSOR.OUTPUT_NORM))]
     if not t.tie_word_embeddings:
         if not ckpt.has("lm_head.weight"):
             raise CheckpointError("tie_word_embeddings is false but lm_head.weight is missing")
-        sources.append(from_ckpt("lm_head.weight", "output.weight"))
+        sources.append(from_ckpt("lm_head.weight", tensor_name(MODEL_TENSOR.OUTPUT)))
     if t.long_factor is not None:
-        sources.append(constant("rope_factors_long.weight", t.long_factor))
-        sources.append(constant("rope_factors_short.weight", t.short_factor))
+        sources.append(constant(tensor_name(MODEL_TENSOR.ROPE_FACTORS_LONG), t.long_factor))
+        sources.append(constant(tensor_name(MODEL_TENSOR.ROPE_FACTORS_SHORT), t.short_factor))
     for i in range(t.num_layers):
-        sources += [from_ckpt(native.format(i=i), name.format(i=i)) for native, name in LAYER_TENSORS.items()]
+        sources += [from_ckpt(native.format(i=i), tensor_name(tensor, i)) for native, tensor in LAYER_TENSORS.items()]
     return sources
 
 
 def write_backbone(ckpt: Checkpoint, vocab: Vocab, path: Path, outtype: str = "f32", name: str | None = None,
                    progress: bool = True) -> Path:
-    """Write the decoder GGUF in `outtype` (f32 or f16; quantised types are made from it by llama.cpp)."""
+    """Write the decoder GGUF stored as `outtype` (f32 or f16; quantised types are made from it by llama.cpp)."""
     t = ckpt.text
     sources = tensor_sources(ckpt)
 
@@ -105,4 +111,4 @@ def write_backbone(ckpt: Checkpoint, vocab: Vocab, path: Path, outtype: str = "f
         w.add_file_type(gguf.LlamaFileType.ALL_F32 if outtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
         add_vocab(w, vocab, bos=t.bos_token_id, eos=t.eos_token_ids[0], pad=t.pad_token_id)
 
-    return write_gguf(path, ARCH, metadata, sources, outtype=outtype, progress=progress)
+    return write_gguf(path, Arch.DECODER, metadata, sources, storage=outtype, progress=progress)

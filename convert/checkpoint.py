@@ -1,6 +1,6 @@
 """Open a Phi-4-multimodal checkpoint folder in either layout and present it one way.
 
-Layouts (phi4mm.md §2):
+Layouts (docs/model.md, "Checkpoint layouts"):
 - "remote-code": microsoft/Phi-4-multimodal-instruct as published (model_type `phi4mm`).
   The LM linears are PEFT-wrapped in place: `...qkv_proj.base_layer.weight` plus
   `...qkv_proj.lora_A.vision.weight` etc., both adapters inside the base safetensors.
@@ -27,7 +27,8 @@ LAYOUT_REMOTE = "remote-code"
 LAYOUT_NATIVE = "transformers"
 ADAPTERS = ("vision", "speech")
 
-# Original -> native names of the encoder parts (phi4mm.md §2.2, transformers' conversion rules).
+# Original -> native names of the encoder parts (docs/model.md, "Checkpoint layouts"; transformers'
+# conversion rules).
 _REMOTE_TO_NATIVE = [
     (r"(audio_embed\.encoder\.encoders\.\d+\.feed_forward_(in|out))\.net\.0\.linear", r"\1.gate_up_proj"),
     (r"(audio_embed\.encoder\.encoders\.\d+\.feed_forward_(in|out))\.net\.2", r"\1.down_proj"),
@@ -110,7 +111,8 @@ def _text_config(cfg: dict) -> TextConfig:
     partial = float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
     theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     max_pos = int(need("max_position_embeddings"))
-    # The top-level value wins over the one inside rope_parameters, as in transformers (phi4mm.md §11).
+    # The top-level value wins over the one inside rope_parameters, as in transformers
+    # (docs/model.md, "transformers as the reference").
     orig = int(cfg.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or max_pos)
     rotary_dim = int(head_dim * partial)
     short = long = None

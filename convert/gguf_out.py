@@ -14,8 +14,7 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-# Storage types a user can ask for, and how each float tensor is stored.
-OUTTYPES = ("f32", "f16", "q8_0")
+from model.format import STORAGE_TYPES
 
 _PLAIN = {
     gguf.GGMLQuantizationType.F32: np.dtype(np.float32),
@@ -23,18 +22,18 @@ _PLAIN = {
 }
 
 
-def storage_type(name: str, shape: tuple[int, ...], outtype: str) -> gguf.GGMLQuantizationType:
-    """f32 for 1-D tensors (norms, biases, small factors); the requested type otherwise."""
-    if outtype == "f32" or len(shape) < 2:
+def storage_type(name: str, shape: tuple[int, ...], storage: str) -> gguf.GGMLQuantizationType:
+    """f32 for 1-D tensors (norms, biases, small factors); the file's storage type (STORAGE_TYPES) otherwise."""
+    if storage == "f32" or len(shape) < 2:
         return gguf.GGMLQuantizationType.F32
-    if outtype == "f16":
+    if storage == "f16":
         return gguf.GGMLQuantizationType.F16
-    if outtype == "q8_0":
+    if storage == "q8_0":
         # q8_0 packs 32 values per block along the row; rows that do not divide stay f16.
         if shape[-1] % 32 == 0:
             return gguf.GGMLQuantizationType.Q8_0
         return gguf.GGMLQuantizationType.F16
-    raise ValueError(f"unknown outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    raise ValueError(f"unknown storage type {storage!r}; choose one of {', '.join(STORAGE_TYPES)}")
 
 
 def encode_tensor(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
@@ -59,13 +58,14 @@ def write_gguf(
     arch: str,
     metadata: Callable[[gguf.GGUFWriter], None],
     tensors: Iterable[TensorSource],
-    outtype: str = "f32",
+    storage: str = "f32",
     progress: bool = True,
 ) -> Path:
     """Write a GGUF at `path` via `path.tmp`, streaming one tensor at a time.
 
-    `metadata(writer)` adds the key/values. Each tensor is loaded, encoded and written
-    before the next is loaded, so a large model is never held in memory whole.
+    `metadata(writer)` adds the key/values; `storage` (one of STORAGE_TYPES) is how the
+    matrices are stored. Each tensor is loaded, encoded and written before the next is
+    loaded, so a large model is never held in memory whole.
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -75,7 +75,7 @@ def write_gguf(
         metadata(writer)
         qtypes = []
         for src in sources:
-            qtype = storage_type(src.name, src.shape, outtype)
+            qtype = storage_type(src.name, src.shape, storage)
             byte_shape = gguf.quant_shape_to_byte_shape(src.shape, qtype)
             nbytes = int(np.prod(byte_shape))
             dtype = _PLAIN.get(qtype, np.dtype(np.uint8))

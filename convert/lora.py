@@ -1,4 +1,4 @@
-"""One PEFT adapter -> a llama.cpp LoRA GGUF (`general.type = adapter`, phi4mm.md §6.2).
+"""One PEFT adapter -> a llama.cpp LoRA GGUF, `general.type = adapter` (docs/model.md, "GGUF files").
 
 Tensors keep PEFT's layout: `<base>.lora_a` is (r, n_in), `<base>.lora_b` is (n_out, r).
 The true alpha is stored, so llama.cpp's `scale * alpha / r` at scale 1.0 equals PEFT.
@@ -9,18 +9,20 @@ from pathlib import Path
 
 import gguf
 
-from convert.backbone import ARCH, LORA_TARGETS
+from convert.backbone import LORA_TARGETS, tensor_name
 from convert.checkpoint import LM_LORA_TARGET, LoraAdapter
 from convert.gguf_out import TensorSource, write_gguf
+from model.format import Arch
 
 
 def gguf_base_name(module: str) -> str:
-    """`model.layers.3.self_attn.qkv_proj` -> `blk.3.attn_qkv.weight`."""
+    """`model.layers.3.self_attn.qkv_proj` -> `blk.3.attn_qkv.weight`, the backbone tensor it adapts."""
     m = LM_LORA_TARGET.match(module)
-    return f"blk.{m.group(1)}.{LORA_TARGETS[m.group(2)]}"
+    return tensor_name(LORA_TARGETS[m.group(2)], int(m.group(1)))
 
 
 def write_lora(adapter: LoraAdapter, path: Path, outtype: str = "f32", progress: bool = True) -> Path:
+    """Write the adapter's GGUF, its matrices stored as `outtype` (one of STORAGE_TYPES)."""
     sources = []
     for module, (load_a, load_b) in adapter.pairs.items():
         base = gguf_base_name(module)
@@ -34,4 +36,4 @@ def write_lora(adapter: LoraAdapter, path: Path, outtype: str = "f32", progress:
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, adapter.alpha)
         w.add_name(f"Phi 4 Multimodal {adapter.name} LoRA")
 
-    return write_gguf(path, ARCH, metadata, sources, outtype=outtype, progress=progress)
+    return write_gguf(path, Arch.DECODER, metadata, sources, storage=outtype, progress=progress)

@@ -1,11 +1,7 @@
 """Checkpoint folder -> a model folder the app loads: GGUF files + manifest.json.
 
-    backbone.gguf         Phi-4-mini decoder (llama.cpp `phi3`)
-    lora-vision.gguf      vision LoRA (llama.cpp adapter)
-    lora-speech.gguf      speech LoRA
-    vision-encoder.gguf   SigLIP tower + projector (numpy, model/)
-    audio-encoder.gguf    conformer + projectors (numpy, model/)
-    manifest.json         what is here; written last, so its presence means "complete"
+What the folder holds and every name in it are model/format.py's; this module decides what
+goes into each file and in which storage type.
 """
 from __future__ import annotations
 
@@ -15,15 +11,13 @@ from pathlib import Path
 
 from convert.audio_encoder import write_audio_encoder
 from convert.backbone import write_backbone
-from convert.checkpoint import IMAGE_PREFIX, AUDIO_PREFIX, Checkpoint, CheckpointError
+from convert.checkpoint import ADAPTERS, AUDIO_PREFIX, IMAGE_PREFIX, Checkpoint, CheckpointError
 from convert.lora import write_lora
 from convert.quantize import FTYPES, quantize
-from convert.tokenizer import AUDIO_TOKEN, IMAGE_TOKEN, read_vocab
+from convert.tokenizer import read_placeholders, read_vocab
 from convert.vision_encoder import write_vision_encoder
-
-OUTTYPES = ("f32", "f16", "q8_0", "q4_k_m")
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+from model.format import (AUDIO, AUDIO_ENCODER_FILE, BACKBONE_FILE, DEFAULT_OUTTYPE, MANIFEST_FILE, OUTTYPES,
+                          VISION_ENCODER_FILE, lora_file, write_manifest)
 
 
 def _say(message: str, quiet: bool) -> None:
@@ -46,7 +40,7 @@ def _processor_config(folder: Path) -> dict | None:
     return None
 
 
-def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, outtype: str = "q4_k_m",
+def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, outtype: str = DEFAULT_OUTTYPE,
                        quiet: bool = False) -> dict:
     """Convert everything; return the manifest. Raises CheckpointError with a clear message on bad input."""
     if outtype not in OUTTYPES:
@@ -54,61 +48,47 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, outtype: 
     ckpt = Checkpoint.open(src)
     _say(f"found a Phi-4-multimodal checkpoint in the {ckpt.layout} layout: {ckpt.folder}", quiet)
     vocab = read_vocab(ckpt.folder, ckpt.text.vocab_size)
-    token_ids = {}
-    for kind, token in (("image", IMAGE_TOKEN), ("audio", AUDIO_TOKEN)):
-        if token not in vocab.ids:
-            raise CheckpointError(f"the tokenizer has no {token} token ({kind} placeholder)")
-        token_ids[kind] = {"token": token, "id": vocab.ids[token]}
-    adapters = {name: ckpt.lora(name) for name in ("vision", "speech")}  # validated before any writing
+    placeholders = read_placeholders(ckpt, vocab)
+    adapters = {name: ckpt.lora(name) for name in ADAPTERS}  # validated before any writing
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # the folder is incomplete until the manifest is back
+    (out / MANIFEST_FILE).unlink(missing_ok=True)  # the folder is incomplete until the manifest is back
 
+    # Storage per file: quantised decoders are made by llama.cpp from an f16 one; their LoRAs are q8_0.
     float_type = outtype if outtype in ("f32", "f16") else "f16"
     lora_type = outtype if outtype in ("f32", "f16") else "q8_0"
-    files: dict[str, object] = {"backbone": "backbone.gguf", "lora": {}}
     if outtype in FTYPES:
-        staged = out / "backbone.f16.gguf.partial"
+        staged = out / (Path(BACKBONE_FILE).stem + ".f16.gguf.partial")
         try:
             _say(f"writing the decoder (f16, then {outtype} with llama.cpp's quantiser)", quiet)
             write_backbone(ckpt, vocab, staged, float_type, progress=not quiet)
-            quantize(staged, out / "backbone.gguf", outtype)
+            quantize(staged, out / BACKBONE_FILE, outtype)
         finally:
             staged.unlink(missing_ok=True)
     else:
         _say(f"writing the decoder ({outtype})", quiet)
-        write_backbone(ckpt, vocab, out / "backbone.gguf", outtype, progress=not quiet)
+        write_backbone(ckpt, vocab, out / BACKBONE_FILE, outtype, progress=not quiet)
     for name, adapter in adapters.items():
         _say(f"writing the {name} LoRA (r={adapter.rank}, alpha={adapter.alpha:g}, {lora_type})", quiet)
-        files["lora"][name] = f"lora-{name}.gguf"
-        write_lora(adapter, out / f"lora-{name}.gguf", lora_type, progress=not quiet)
+        write_lora(adapter, out / lora_file(name), lora_type, progress=not quiet)
 
     encoder_type = "f32" if outtype == "f32" else "f16"  # numpy runs encoders in f32 either way
     _say(f"writing the vision encoder ({encoder_type})", quiet)
-    vision_config = {**ckpt.vision_config(), "image_token_id": token_ids["image"]["id"]}
     vision_tensors = _encoder_tensors(ckpt, IMAGE_PREFIX)
-    write_vision_encoder({name: load for name, (shape, load) in vision_tensors.items()}, vision_config,
-                         out / "vision-encoder.gguf", encoder_type,
+    write_vision_encoder({name: load for name, (shape, load) in vision_tensors.items()}, ckpt.vision_config(),
+                         out / VISION_ENCODER_FILE, encoder_type,
                          shapes={name: shape for name, (shape, load) in vision_tensors.items()},
                          processor_config=_processor_config(ckpt.folder), progress=not quiet)
-    files["vision_encoder"] = "vision-encoder.gguf"
     _say(f"writing the speech encoder ({encoder_type})", quiet)
-    audio_config = {**ckpt.audio_config(), "audio_token_id": token_ids["audio"]["id"]}
-    write_audio_encoder(_encoder_tensors(ckpt, AUDIO_PREFIX), audio_config, out / "audio-encoder.gguf",
+    audio_config = {**ckpt.audio_config(), "audio_token_id": placeholders[AUDIO].id}
+    write_audio_encoder(_encoder_tensors(ckpt, AUDIO_PREFIX), audio_config, out / AUDIO_ENCODER_FILE,
                         encoder_type, progress=not quiet)
-    files["audio_encoder"] = "audio-encoder.gguf"
 
-    manifest = {
-        "format": "phi4mm-local", "version": MANIFEST_VERSION, "source": str(ckpt.folder.resolve()),
-        "layout": ckpt.layout, "outtype": outtype, "files": files, "placeholders": token_ids,
-        "lora_alpha": {name: a.alpha for name, a in adapters.items()},
-        "lora_rank": {name: a.rank for name, a in adapters.items()},
-        "context": {"original": ckpt.text.original_max_position_embeddings,
-                    "max": ckpt.text.max_position_embeddings},
-    }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / MANIFEST)
+    manifest = write_manifest(
+        out, source=str(ckpt.folder.resolve()), layout=ckpt.layout, outtype=outtype, placeholders=placeholders,
+        lora_alpha={name: a.alpha for name, a in adapters.items()},
+        lora_rank={name: a.rank for name, a in adapters.items()},
+        original_context=ckpt.text.original_max_position_embeddings, max_context=ckpt.text.max_position_embeddings)
     _say(f"done: {out}", quiet)
     return manifest

@@ -3,6 +3,9 @@
 Follows llama.cpp's `_set_vocab_gpt2`: the vocabulary is padded to the model's row count
 with unused `[PAD{id}]` tokens; added tokens are CONTROL when special, USER_DEFINED
 otherwise. The pre-tokenizer is recognised from tokenizer.json's split regex.
+
+Also the image and audio placeholder tokens (`read_placeholders`): their ids come from the
+checkpoint's config and tokenizer, never from a fixed spelling.
 """
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ from pathlib import Path
 
 import gguf
 
-from convert.checkpoint import CheckpointError
+from convert.checkpoint import Checkpoint, CheckpointError
+from model.format import AUDIO, IMAGE, Placeholder
 
 # o200k's split regex (Xenova/gpt-4o tokenizer.json; llama.cpp LLAMA_VOCAB_PRE_TYPE_GPT4O).
 GPT4O_PATTERN = (
@@ -22,8 +26,9 @@ GPT4O_PATTERN = (
 )
 KNOWN_PRE_TOKENIZERS = {GPT4O_PATTERN: "gpt-4o"}
 
-IMAGE_TOKEN = "<|endoftext10|>"
-AUDIO_TOKEN = "<|endoftext11|>"
+# The remote-code checkpoint's processor code spells the placeholders so, and its config holds no
+# token ids. (They are also the tokens at transformers' default ids, 200010 and 200011.)
+REMOTE_CODE_PLACEHOLDERS = {IMAGE: "<|endoftext10|>", AUDIO: "<|endoftext11|>"}
 
 
 @dataclass
@@ -123,3 +128,55 @@ def add_vocab(writer: gguf.GGUFWriter, vocab: Vocab, bos: int, eos: int, pad: in
     writer.add_add_eos_token(False)
     if vocab.chat_template:
         writer.add_chat_template(vocab.chat_template)
+
+
+def declared_special_tokens(folder: Path) -> dict[str, str]:
+    """The named special tokens tokenizer_config.json declares, e.g. `image_token` -> `<|image|>`.
+
+    transformers 5 writes them as top-level keys; 4.x under `extra_special_tokens` when that is a
+    mapping (in 5 it is a plain list) or `model_specific_special_tokens`.
+    """
+    path = folder / "tokenizer_config.json"
+    if not path.exists():
+        return {}
+    cfg = json.loads(path.read_text())
+    named = dict(cfg)
+    for group in ("extra_special_tokens", "model_specific_special_tokens"):
+        if isinstance(cfg.get(group), dict):
+            named.update(cfg[group])
+    # A token is written either as its text or as an AddedToken object.
+    texts = {key: value.get("content") if isinstance(value, dict) else value for key, value in named.items()}
+    return {key: text for key, text in texts.items() if key.endswith("_token") and isinstance(text, str)}
+
+
+def read_placeholders(ckpt: Checkpoint, vocab: Vocab) -> dict[str, Placeholder]:
+    """The image and audio placeholder tokens, id and spelling, where transformers finds them.
+
+    The id is the config's `vision_config.image_token_id` / `audio_config.audio_token_id` (what the
+    model reads); the spelling is the tokenizer's declared `image_token` / `audio_token` (what the
+    processor writes). Either one gives the other through the vocabulary, and when both are given
+    they must agree. A checkpoint that gives neither (the remote-code layout) uses the spellings
+    of its processor code.
+    """
+    declared = declared_special_tokens(ckpt.folder)
+    sub_configs = {IMAGE: ckpt.vision_config(), AUDIO: ckpt.audio_config()}
+    placeholders = {}
+    for kind in (IMAGE, AUDIO):
+        id_key, token_key = f"{kind}_token_id", f"{kind}_token"
+        token_id, spelling = sub_configs[kind].get(id_key), declared.get(token_key)
+        if token_id is None:
+            spelling = spelling or REMOTE_CODE_PLACEHOLDERS[kind]
+            # A placeholder is an added token (one piece, never split by BPE), and added tokens are unique.
+            added = (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED)
+            token_id = next((i for i, (text, type_) in enumerate(zip(vocab.tokens, vocab.types))
+                             if text == spelling and type_ in added), None)
+            if token_id is None:
+                raise CheckpointError(f"the tokenizer has no {spelling} token ({kind} placeholder)")
+        token_id = int(token_id)
+        if not 0 <= token_id < len(vocab.tokens) or vocab.types[token_id] == gguf.TokenType.UNUSED:
+            raise CheckpointError(f"{id_key} {token_id} ({kind} placeholder) is not a token of the tokenizer")
+        if spelling is not None and vocab.tokens[token_id] != spelling:
+            raise CheckpointError(f"{id_key} is {token_id}, which the tokenizer spells {vocab.tokens[token_id]}, "
+                                  f"but tokenizer_config.json declares {token_key} {spelling}")
+        placeholders[kind] = Placeholder(token=vocab.tokens[token_id], id=token_id)
+    return placeholders

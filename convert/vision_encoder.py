@@ -1,29 +1,13 @@
 """Write the Phi-4-multimodal vision encoder (SigLIP tower + HD separators + projector) as a GGUF
-that `model/vision_encoder.py` runs with numpy (phi4mm.md §3).
+that `model/vision_encoder.py` runs with numpy (docs/model.md, "Vision encoder").
 
 Input names are transformers-native, with `model.embed_tokens_extend.image_embed.` stripped.
 Only the blocks the feature layer uses are written (`hidden_states[-2]` of a 27-block tower:
 blocks 0..25); the last block, `post_layernorm` and the pooling `head` are dropped.
 
-GGUF tensor names (arch `phi4mm-vision`; numpy shapes, C = vision width, D = text width):
-
-    img_processor.embeddings.patch_embedding.weight      -> v.patch_embd.weight      (C, 3, P, P)
-    img_processor.embeddings.patch_embedding.bias        -> v.patch_embd.bias        (C,)
-    img_processor.embeddings.position_embedding.weight   -> v.position_embd.weight   ((S/P)^2, C)
-    img_processor.encoder.layers.{i}.layer_norm1.{w,b}   -> v.blk.{i}.ln1.{weight,bias}
-    img_processor.encoder.layers.{i}.self_attn.q_proj.*  -> v.blk.{i}.attn_q.*      (C, C), (C,)
-    img_processor.encoder.layers.{i}.self_attn.k_proj.*  -> v.blk.{i}.attn_k.*
-    img_processor.encoder.layers.{i}.self_attn.v_proj.*  -> v.blk.{i}.attn_v.*
-    img_processor.encoder.layers.{i}.self_attn.out_proj.*-> v.blk.{i}.attn_out.*
-    img_processor.encoder.layers.{i}.layer_norm2.{w,b}   -> v.blk.{i}.ln2.{weight,bias}
-    img_processor.encoder.layers.{i}.mlp.fc1.*           -> v.blk.{i}.ffn_up.*      (F, C), (F,)
-    img_processor.encoder.layers.{i}.mlp.fc2.*           -> v.blk.{i}.ffn_down.*    (C, F), (C,)
-    sub_img_feature_extensor      (1, 1, 1, C)           -> v.sub_sep               (C,)  after each row
-    global_img_feature_extensor   (1, 1, C)              -> v.glb_sep               (C,)  between sub and global
-    img_projection_up.{weight,bias}                      -> mm.up.{weight,bias}     (D, C), (D,)
-    img_projection_down.{weight,bias}                    -> mm.down.{weight,bias}   (D, D), (D,)
-
-Metadata (all under `phi4mm-vision.`): see `vision_metadata`.
+The file's names, shapes and metadata keys are those of model/format.py (`Arch.VISION`,
+`VisionTensor`, `VisionKey`); `_GLOBAL` and `_BLOCK` below map the native names onto them.
+The two HD separators are stored flat, (1, 1, 1, C) and (1, 1, C) -> (C,).
 """
 from __future__ import annotations
 
@@ -34,39 +18,42 @@ from typing import Callable, Mapping, Sequence, Union
 import numpy as np
 
 from convert.gguf_out import TensorSource, metadata_writer, write_gguf
+from model.format import ENCODER_STORAGE_TYPES, VISION_LAYOUT, Arch, VisionKey, VisionTensor, arch_key
 
-ARCH = "phi4mm-vision"
+ARCH = Arch.VISION
 
 TensorLike = Union[np.ndarray, Callable[[], np.ndarray]]
 
+# native module of `img_processor.encoder.layers.{bid}` -> GGUF module; both have .weight and .bias.
 _BLOCK = {
-    "layer_norm1.weight": "ln1.weight", "layer_norm1.bias": "ln1.bias",
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.out_proj.weight": "attn_out.weight", "self_attn.out_proj.bias": "attn_out.bias",
-    "layer_norm2.weight": "ln2.weight", "layer_norm2.bias": "ln2.bias",
-    "mlp.fc1.weight": "ffn_up.weight", "mlp.fc1.bias": "ffn_up.bias",
-    "mlp.fc2.weight": "ffn_down.weight", "mlp.fc2.bias": "ffn_down.bias",
+    "layer_norm1": VisionTensor.BLK_LN1,
+    "self_attn.q_proj": VisionTensor.BLK_ATTN_Q,
+    "self_attn.k_proj": VisionTensor.BLK_ATTN_K,
+    "self_attn.v_proj": VisionTensor.BLK_ATTN_V,
+    "self_attn.out_proj": VisionTensor.BLK_ATTN_OUT,
+    "layer_norm2": VisionTensor.BLK_LN2,
+    "mlp.fc1": VisionTensor.BLK_FFN_UP,
+    "mlp.fc2": VisionTensor.BLK_FFN_DOWN,
 }
 
+# native tensor -> GGUF tensor, outside the blocks.
 _GLOBAL = {
-    "img_processor.embeddings.patch_embedding.weight": "v.patch_embd.weight",
-    "img_processor.embeddings.patch_embedding.bias": "v.patch_embd.bias",
-    "img_processor.embeddings.position_embedding.weight": "v.position_embd.weight",
-    "sub_img_feature_extensor": "v.sub_sep",
-    "global_img_feature_extensor": "v.glb_sep",
-    "img_projection_up.weight": "mm.up.weight",
-    "img_projection_up.bias": "mm.up.bias",
-    "img_projection_down.weight": "mm.down.weight",
-    "img_projection_down.bias": "mm.down.bias",
+    "img_processor.embeddings.patch_embedding.weight": VisionTensor.PATCH_EMBD + ".weight",
+    "img_processor.embeddings.patch_embedding.bias": VisionTensor.PATCH_EMBD + ".bias",
+    "img_processor.embeddings.position_embedding.weight": VisionTensor.POSITION_EMBD + ".weight",
+    "sub_img_feature_extensor": VisionTensor.SUB_SEP,
+    "global_img_feature_extensor": VisionTensor.GLB_SEP,
+    "img_projection_up.weight": VisionTensor.MM_UP + ".weight",
+    "img_projection_up.bias": VisionTensor.MM_UP + ".bias",
+    "img_projection_down.weight": VisionTensor.MM_DOWN + ".weight",
+    "img_projection_down.bias": VisionTensor.MM_DOWN + ".bias",
 }
 
-_FLATTEN = {"v.sub_sep", "v.glb_sep"}  # stored as (C,)
+_FLATTEN = {VisionTensor.SUB_SEP, VisionTensor.GLB_SEP}  # stored as (C,)
 
 _SUPPORTED_ACT = ("gelu_pytorch_tanh", "gelu_new", "gelu")
 
-# The reference image processor's defaults (phi4mm.md §3.4).
+# The reference image processor's defaults (docs/model.md, "Vision encoder").
 DEFAULT_DYNAMIC_HD = 36
 DEFAULT_MEAN = (0.5, 0.5, 0.5)
 DEFAULT_STD = (0.5, 0.5, 0.5)
@@ -91,7 +78,7 @@ def _processor_value(processor_config: Mapping | None, key: str, default):
 
 
 def vision_metadata(vision_config: Mapping, text_hidden: int, processor_config: Mapping | None = None) -> dict:
-    """Every hyperparameter model/ needs, keyed `phi4mm-vision.<name>`."""
+    """Every hyperparameter model/ needs, keyed `phi4mm-vision.<VisionKey>`."""
     def need(key):
         if key not in vision_config or vision_config[key] is None:
             raise ValueError(f"vision_config lacks {key!r}")
@@ -110,28 +97,26 @@ def vision_metadata(vision_config: Mapping, text_hidden: int, processor_config: 
     mean = [float(x) for x in _processor_value(processor_config, "image_mean", DEFAULT_MEAN)]
     std = [float(x) for x in _processor_value(processor_config, "image_std", DEFAULT_STD)]
     dynamic_hd = int(_processor_value(processor_config, "dynamic_hd", DEFAULT_DYNAMIC_HD))
-    k = f"{ARCH}."
-    return {
-        k + "embedding_length": hidden,                      # C
-        k + "feed_forward_length": int(need("intermediate_size")),
-        k + "attention.head_count": heads,
-        k + "attention.layer_norm_epsilon": float(vision_config.get("layer_norm_eps", 1e-6)),
-        k + "block_count": used_blocks(layers, feature_layer),  # blocks stored = blocks run
-        k + "source_block_count": layers,                    # blocks of the original tower
-        k + "feature_layer": feature_layer,
-        k + "hidden_act": act,
-        k + "num_channels": int(vision_config.get("num_channels", 3)),
-        k + "image_size": image_size,                        # tower input; positions = (image_size/patch)^2
-        k + "patch_size": patch_size,
-        k + "crop_size": crop_size,                          # HD crop side in pixels
-        k + "dynamic_hd": dynamic_hd,                        # default max crops per image
-        k + "image_mean": mean,
-        k + "image_std": std,
-        k + "token_compression": "avg_pool_2d",              # 2x2 average pool of the patch grid
-        k + "hd_transform_order": "sub_glb",                 # sub-image rows, glb_sep, global rows
-        k + "projector.embedding_length": int(text_hidden),  # D
-        k + "projector.hidden_act": "gelu",                  # exact erf GELU between mm.up and mm.down
+    values = {
+        VisionKey.EMBEDDING_LENGTH: hidden,
+        VisionKey.FEED_FORWARD_LENGTH: int(need("intermediate_size")),
+        VisionKey.HEAD_COUNT: heads,
+        VisionKey.LAYER_NORM_EPS: float(vision_config.get("layer_norm_eps", 1e-6)),
+        VisionKey.BLOCK_COUNT: used_blocks(layers, feature_layer),
+        VisionKey.SOURCE_BLOCK_COUNT: layers,
+        VisionKey.FEATURE_LAYER: feature_layer,
+        VisionKey.HIDDEN_ACT: act,
+        VisionKey.NUM_CHANNELS: int(vision_config.get("num_channels", 3)),
+        VisionKey.IMAGE_SIZE: image_size,
+        VisionKey.PATCH_SIZE: patch_size,
+        VisionKey.CROP_SIZE: crop_size,
+        VisionKey.DYNAMIC_HD: dynamic_hd,
+        VisionKey.IMAGE_MEAN: mean,
+        VisionKey.IMAGE_STD: std,
+        VisionKey.PROJECTOR_EMBEDDING_LENGTH: int(text_hidden),
+        **VISION_LAYOUT,
     }
+    return {arch_key(ARCH, key): value for key, value in values.items()}
 
 
 def _shape_of(name: str, value: TensorLike, shapes: Mapping[str, Sequence[int]] | None) -> tuple[int, ...]:
@@ -162,17 +147,18 @@ def write_vision_encoder(
     vision_config: the native `vision_config` dict of config.json.
     processor_config: optional image-processor settings (`dynamic_hd`, `image_mean`, `image_std`;
         either flat or under `image_processor`); the reference defaults otherwise.
-    outtype: "f32" or "f16" (1-D tensors always stay f32).
+    outtype: one of ENCODER_STORAGE_TYPES, f32 or f16 (1-D tensors always stay f32).
     """
-    if outtype not in ("f32", "f16"):
-        raise ValueError(f"vision encoder outtype must be f32 or f16, got {outtype!r}")
+    if outtype not in ENCODER_STORAGE_TYPES:
+        raise ValueError(f"vision encoder outtype must be one of {', '.join(ENCODER_STORAGE_TYPES)}, got {outtype!r}")
     layers = int(vision_config.get("num_hidden_layers") or 0)
     n_used = used_blocks(layers, int(vision_config.get("feature_layer", -2)))
 
     wanted = dict(_GLOBAL)
-    for i in range(n_used):
-        for src, dst in _BLOCK.items():
-            wanted[f"img_processor.encoder.layers.{i}.{src}"] = f"v.blk.{i}.{dst}"
+    for bid in range(n_used):
+        for native, module in _BLOCK.items():
+            for part in ("weight", "bias"):
+                wanted[f"img_processor.encoder.layers.{bid}.{native}.{part}"] = f"{module.format(bid=bid)}.{part}"
     missing = [n for n in wanted if n not in tensors]
     if missing:
         raise ValueError(f"vision encoder tensors missing: {', '.join(missing[:5])}"
@@ -180,7 +166,7 @@ def write_vision_encoder(
 
     text_hidden = _shape_of("img_projection_up.weight", tensors["img_projection_up.weight"], shapes)[0]
     metadata = vision_metadata(vision_config, text_hidden, processor_config)
-    hidden = metadata[f"{ARCH}.embedding_length"]
+    hidden = metadata[arch_key(ARCH, VisionKey.EMBEDDING_LENGTH)]
 
     sources = []
     for src, dst in wanted.items():
@@ -197,4 +183,4 @@ def write_vision_encoder(
         sources.append(TensorSource(dst, shape, load))
 
     metadata["general.name"] = "Phi-4-multimodal vision encoder"
-    return write_gguf(path, ARCH, metadata_writer(metadata), sources, outtype=outtype, progress=progress)
+    return write_gguf(path, ARCH, metadata_writer(metadata), sources, storage=outtype, progress=progress)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from model.format import AudioKey
+
 
 @dataclass(frozen=True)
 class FeatureConfig:
@@ -32,13 +34,13 @@ class FeatureConfig:
 
     @classmethod
     def from_gguf(cls, weights) -> "FeatureConfig":
-        g = weights.get
+        g, K = weights.get, AudioKey
         return cls(
-            sample_rate=int(g("fe.sample_rate")), n_mels=int(g("fe.n_mels")), win_length=int(g("fe.win_length")),
-            hop_length=int(g("fe.hop_length")), n_fft=int(g("fe.n_fft")), preemphasis=float(g("fe.preemphasis")),
-            pcm_scale=float(g("fe.pcm_scale")), log_floor=float(g("fe.log_floor")),
-            compression_rate=int(g("fe.compression_rate")), downsample_rate=int(g("fe.downsample_rate")),
-            feat_stride=int(g("fe.feat_stride")),
+            sample_rate=int(g(K.FE_SAMPLE_RATE)), n_mels=int(g(K.FE_N_MELS)), win_length=int(g(K.FE_WIN_LENGTH)),
+            hop_length=int(g(K.FE_HOP_LENGTH)), n_fft=int(g(K.FE_N_FFT)), preemphasis=float(g(K.FE_PREEMPHASIS)),
+            pcm_scale=float(g(K.FE_PCM_SCALE)), log_floor=float(g(K.FE_LOG_FLOOR)),
+            compression_rate=int(g(K.FE_COMPRESSION_RATE)), downsample_rate=int(g(K.FE_DOWNSAMPLE_RATE)),
+            feat_stride=int(g(K.FE_FEAT_STRIDE)),
         )
 
 

@@ -8,7 +8,8 @@
     -> (T', H)
 
 Shapes: T feature frames, L frames in one window, H width, nh heads of d = H / nh, C conv channels.
-Weights come from a GGUF written by convert/audio_encoder.py (names documented there).
+Weights come from a GGUF written by convert/audio_encoder.py, read by the names of model/format.py
+(`AudioTensor`, `AudioKey`; docs/model.md, "Speech encoder").
 
 Speed (bench/encoders.py): weights are transposed once at load (`Linear.wt`, q/k/v fused with the
 score scale folded into q, the GLU biases folded into the GLU projection), activations are updated
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from model.format import AudioKey, AudioTensor
 from model.layers import LayerNorm, Linear
 
 
@@ -85,9 +87,11 @@ class FeedForward:
     act: object
 
     @classmethod
-    def load(cls, w, name: str, eps: float, act) -> "FeedForward":
-        return cls(LayerNorm.load(w, f"{name}.norm", eps), Linear.load(w, f"{name}.up"),
-                   Linear.load(w, f"{name}.down"), act)
+    def load(cls, w, bid: int, side: str, eps: float, act) -> "FeedForward":
+        """Block `bid`'s feed-forward on `side` "in" (before attention) or "out" (after the conv)."""
+        name = lambda module: module.format(bid=bid, side=side)
+        return cls(LayerNorm.load(w, name(AudioTensor.BLK_FFN_NORM), eps), Linear.load(w, name(AudioTensor.BLK_FFN_UP)),
+                   Linear.load(w, name(AudioTensor.BLK_FFN_DOWN)), act)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:   # (L, H) -> (L, H)
         h = self.up(self.norm(x))                       # (L, 2I)
@@ -106,12 +110,15 @@ class Attention:
     head_dim: int
 
     @classmethod
-    def load(cls, w, name: str, n_head: int, head_dim: int) -> "Attention":
-        t = lambda p: w.tensor(f"{name}.{p}")
+    def load(cls, w, bid: int, n_head: int, head_dim: int) -> "Attention":
+        T = AudioTensor
+        t = lambda module, part: w.tensor(f"{module.format(bid=bid)}.{part}")
         scale = np.float32(head_dim ** -0.5)            # the score scale, folded into q
-        qkv = Linear.of(np.concatenate([t("q.weight") * scale, t("k.weight"), t("v.weight")]),
-                        np.concatenate([t("q.bias") * scale, t("k.bias"), t("v.bias")]))
-        return cls(qkv, Linear.load(w, f"{name}.o"), n_head, head_dim)
+        qkv = Linear.of(np.concatenate([t(T.BLK_ATTN_Q, "weight") * scale, t(T.BLK_ATTN_K, "weight"),
+                                        t(T.BLK_ATTN_V, "weight")]),
+                        np.concatenate([t(T.BLK_ATTN_Q, "bias") * scale, t(T.BLK_ATTN_K, "bias"),
+                                        t(T.BLK_ATTN_V, "bias")]))
+        return cls(qkv, Linear.load(w, T.BLK_ATTN_O.format(bid=bid)), n_head, head_dim)
 
     def __call__(self, x: np.ndarray, bias: np.ndarray) -> np.ndarray:
         L, nh, d = x.shape[0], self.n_head, self.head_dim
@@ -143,12 +150,15 @@ class ConvModule:
     out: Linear          # (D, E)
 
     @classmethod
-    def load(cls, w, name: str, eps: float, glu_act, act, multiplier: int) -> "ConvModule":
-        glu = Linear.load(w, f"{name}.glu")
-        glu.bias = glu.bias + np.concatenate([w.tensor(f"{name}.glu_b1"), w.tensor(f"{name}.glu_b2")])
-        return cls(LayerNorm.load(w, f"{name}.norm", eps), glu, glu_act,
-                   np.ascontiguousarray(w.tensor(f"{name}.dw.weight").T), w.tensor(f"{name}.dw.bias"), multiplier,
-                   Linear.load(w, f"{name}.pw"), act, Linear.load(w, f"{name}.out"))
+    def load(cls, w, bid: int, eps: float, glu_act, act, multiplier: int) -> "ConvModule":
+        T = AudioTensor
+        name = lambda module: module.format(bid=bid)
+        glu = Linear.load(w, name(T.BLK_CONV_GLU))
+        glu.bias = glu.bias + np.concatenate([w.tensor(name(T.BLK_CONV_GLU_B1)), w.tensor(name(T.BLK_CONV_GLU_B2))])
+        return cls(LayerNorm.load(w, name(T.BLK_CONV_NORM), eps), glu, glu_act,
+                   np.ascontiguousarray(w.tensor(name(T.BLK_CONV_DW) + ".weight").T),
+                   w.tensor(name(T.BLK_CONV_DW) + ".bias"), multiplier,
+                   Linear.load(w, name(T.BLK_CONV_PW)), act, Linear.load(w, name(T.BLK_CONV_OUT)))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:   # (L, H) -> (L, E)
         z = self.glu(self.norm(x))                      # (L, 2E)
@@ -226,18 +236,19 @@ class ConvSubsampling:
 
     @classmethod
     def load(cls, w) -> "ConvSubsampling":
-        g = w.get
-        n_layers = int(np.log2(int(g("subsampling.time_reduction"))))
-        C, F = int(g("subsampling.conv_channels")), int(g("subsampling.final_freq"))
-        conv0 = w.tensor("sub.conv0.weight")                                       # (C, 1, 3, 3)
-        dw = [(w.tensor(f"sub.{i}.dw.weight")[:, 0].transpose(1, 2, 0).copy(), w.tensor(f"sub.{i}.dw.bias"))
+        g, T = w.get, AudioTensor
+        n_layers = int(np.log2(int(g(AudioKey.SUBSAMPLING_TIME_REDUCTION))))
+        C, F = int(g(AudioKey.SUBSAMPLING_CONV_CHANNELS)), int(g(AudioKey.SUBSAMPLING_FINAL_FREQ))
+        conv0 = w.tensor(T.SUB_CONV0 + ".weight")                                  # (C, 1, 3, 3)
+        dw = [(w.tensor(T.SUB_DW.format(i=i) + ".weight")[:, 0].transpose(1, 2, 0).copy(),
+               w.tensor(T.SUB_DW.format(i=i) + ".bias"))
               for i in range(1, n_layers)]
-        pw = [Linear.load(w, f"sub.{i}.pw") for i in range(1, n_layers)]
-        out_w = w.tensor("sub.out.weight")                                         # (H, C*F), index c*F + f
+        pw = [Linear.load(w, T.SUB_PW.format(i=i)) for i in range(1, n_layers)]
+        out_w = w.tensor(T.SUB_OUT + ".weight")                                    # (H, C*F), index c*F + f
         H = out_w.shape[0]
         out_w = out_w.reshape(H, C, F).transpose(0, 2, 1).reshape(H, F * C)
-        return cls(np.ascontiguousarray(conv0.reshape(C, 9).T), w.tensor("sub.conv0.bias"), dw, pw,
-                   Linear.of(out_w, w.tensor("sub.out.bias")), activation(str(g("subsampling.activation"))))
+        return cls(np.ascontiguousarray(conv0.reshape(C, 9).T), w.tensor(T.SUB_CONV0 + ".bias"), dw, pw,
+                   Linear.of(out_w, w.tensor(T.SUB_OUT + ".bias")), activation(str(g(AudioKey.SUBSAMPLING_ACTIVATION))))
 
     @property
     def n_layers(self) -> int:
@@ -329,27 +340,26 @@ class ConformerEncoder:
 
     @classmethod
     def load(cls, w) -> "ConformerEncoder":
-        g = w.get
-        eps = float(g("attention.layer_norm_epsilon"))
-        n_head, head_dim = int(g("attention.head_count")), int(g("attention.head_dim"))
-        ffn_act = activation(str(g("activation.ffn")))
-        conv_act, glu_act = activation(str(g("activation.conv"))), activation(str(g("activation.glu")))
-        mult = int(g("conv.depthwise_multiplier"))
+        g, K, T = w.get, AudioKey, AudioTensor
+        eps = float(g(K.LAYER_NORM_EPS))
+        n_head, head_dim = int(g(K.HEAD_COUNT)), int(g(K.HEAD_DIM))
+        ffn_act = activation(str(g(K.ACTIVATION_FFN)))
+        conv_act, glu_act = activation(str(g(K.ACTIVATION_CONV))), activation(str(g(K.ACTIVATION_GLU)))
+        mult = int(g(K.CONV_DEPTHWISE_MULTIPLIER))
         blocks = [
             ConformerBlock(
-                ffn_in=FeedForward.load(w, f"blk.{k}.ffn_in", eps, ffn_act),
-                attn_norm=LayerNorm.load(w, f"blk.{k}.attn_norm", eps),
-                attn=Attention.load(w, f"blk.{k}.attn", n_head, head_dim),
-                conv=ConvModule.load(w, f"blk.{k}.conv", eps, glu_act, conv_act, mult),
-                ffn_out=FeedForward.load(w, f"blk.{k}.ffn_out", eps, ffn_act),
-                norm=LayerNorm.load(w, f"blk.{k}.norm", eps),
+                ffn_in=FeedForward.load(w, k, "in", eps, ffn_act),
+                attn_norm=LayerNorm.load(w, T.BLK_ATTN_NORM.format(bid=k), eps),
+                attn=Attention.load(w, k, n_head, head_dim),
+                conv=ConvModule.load(w, k, eps, glu_act, conv_act, mult),
+                ffn_out=FeedForward.load(w, k, "out", eps, ffn_act),
+                norm=LayerNorm.load(w, T.BLK_NORM.format(bid=k), eps),
             )
-            for k in range(int(g("block_count")))
+            for k in range(int(g(K.BLOCK_COUNT)))
         ]
-        rel = RelativeBias(w.tensor("rel_bias.weight"), int(g("attention.bias_max_distance")),
-                           bool(g("attention.bias_symmetric")))
-        return cls(w.tensor("cmvn.mean"), w.tensor("cmvn.invstd"), ConvSubsampling.load(w), rel, blocks,
-                   int(g("attention.window_frames")))
+        rel = RelativeBias(w.tensor(T.REL_BIAS + ".weight"), int(g(K.BIAS_MAX_DISTANCE)), bool(g(K.BIAS_SYMMETRIC)))
+        return cls(w.tensor(T.CMVN_MEAN), w.tensor(T.CMVN_INVSTD), ConvSubsampling.load(w), rel, blocks,
+                   int(g(K.WINDOW_FRAMES)))
 
     def __call__(self, features: np.ndarray) -> np.ndarray:  # (T, n_mels) -> (T', H)
         if features.ndim != 2 or features.shape[0] == 0:

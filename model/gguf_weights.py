@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 
+from model.format import arch_key
+
 
 @dataclass
 class GGUFWeights:
@@ -15,8 +17,8 @@ class GGUFWeights:
     tensors: dict[str, np.ndarray]  # name -> float32 array in numpy (PyTorch) order
 
     def get(self, key: str) -> object:
-        """Metadata under `<arch>.<key>`; a clear error when the file lacks it."""
-        full = f"{self.arch}.{key}"
+        """Metadata `key` of this file's architecture (a VisionKey / AudioKey); a clear error when the file lacks it."""
+        full = arch_key(self.arch, key)
         if full not in self.metadata:
             raise KeyError(f"GGUF is missing metadata {full!r}")
         return self.metadata[full]

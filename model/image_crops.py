@@ -1,6 +1,6 @@
 """Dynamic multi-crop ("HD") preprocessing of one image for the Phi-4-multimodal vision encoder.
 
-Reproduces transformers' `Phi4MultimodalImageProcessor` (phi4mm.md §3.4-3.5) without torch:
+Reproduces transformers' `Phi4MultimodalImageProcessor` (docs/model.md, "Vision encoder") without torch:
 
 1. RGB conversion as transformers does it (transparency composited on white).
 2. Crop grid: ceil(W/448) x ceil(H/448) crops, or, when that exceeds `max_crops`, the grid

@@ -4,13 +4,14 @@
     -> log-mel (T, 80)                       model/audio_features.py
     -> conformer (T', H), T' = ceil(T / 8)   model/conformer.py
     -> projector for the mode (T', P):       Linear(H, P) -> GELU(erf) -> Linear(P, P)
-         "speech": audio only in the prompt; "vision": image and audio both present (phi4mm.md §4.3)
+         "speech": audio only in the prompt; "vision": image and audio both present
+         (docs/model.md, "Speech encoder")
 
 The rows of `embed` replace the prompt's audio placeholder tokens one for one; their number is
 `num_tokens(len(samples))` (= the reference processor's `audio_embed_sizes`).
 
-Input at other rates or with channels: `embed_any(samples, rate, mode)` mixes to mono and resamples
-with model/audio_io.py (libsoxr); `embed` itself takes 16 kHz mono only.
+`embed` takes 16 kHz mono; model/audio_io.py `to_model_audio` brings other rates and channel
+counts there (a mono mix, libsoxr resampling).
 """
 from __future__ import annotations
 
@@ -20,13 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from model.audio_features import FeatureConfig, LogMel, num_audio_tokens
-from model.audio_io import to_model_audio
 from model.conformer import ConformerEncoder, gelu
+from model.format import AUDIO_MODES, Arch, AudioKey, AudioTensor
 from model.gguf_weights import GGUFWeights, load_gguf
 from model.layers import Linear
-
-ARCH = "phi4mm-audio"
-MODES = ("speech", "vision")
 
 
 @dataclass
@@ -51,12 +49,14 @@ class SpeechEncoder:
 
     @classmethod
     def from_weights(cls, w: GGUFWeights) -> "SpeechEncoder":
-        if w.arch != ARCH:
-            raise ValueError(f"not a speech-encoder GGUF: architecture {w.arch!r}, expected {ARCH!r}")
+        if w.arch != Arch.AUDIO:
+            raise ValueError(f"not a speech-encoder GGUF: architecture {w.arch!r}, expected {Arch.AUDIO!r}")
         fcfg = FeatureConfig.from_gguf(w)
-        features = LogMel(fcfg, w.tensor("fe.mel_filters"))
-        projectors = {m: Projector(Linear.load(w, f"proj.{m}.up"), Linear.load(w, f"proj.{m}.down")) for m in MODES}
-        return cls(features, ConformerEncoder.load(w), projectors, int(w.get("audio_token_id")))
+        features = LogMel(fcfg, w.tensor(AudioTensor.MEL_FILTERS))
+        projectors = {mode: Projector(Linear.load(w, AudioTensor.PROJ_UP.format(mode=mode)),
+                                      Linear.load(w, AudioTensor.PROJ_DOWN.format(mode=mode)))
+                      for mode in AUDIO_MODES}
+        return cls(features, ConformerEncoder.load(w), projectors, int(w.get(AudioKey.AUDIO_TOKEN_ID)))
 
     @property
     def sample_rate(self) -> int:
@@ -77,17 +77,13 @@ class SpeechEncoder:
 
     def project(self, hidden: np.ndarray, mode: str = "speech") -> np.ndarray:
         if mode not in self.projectors:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise ValueError(f"mode must be one of {AUDIO_MODES}, got {mode!r}")
         return self.projectors[mode](hidden)
 
     def embed(self, samples: np.ndarray, mode: str = "speech") -> np.ndarray:
         """(n,) float32 16 kHz mono -> (n_tokens, hidden_size) float32 embeddings."""
         if mode not in self.projectors:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise ValueError(f"mode must be one of {AUDIO_MODES}, got {mode!r}")
         out = self.project(self.encode(samples), mode)
         assert out.shape[0] == self.num_tokens(len(samples))
         return out
-
-    def embed_any(self, samples: np.ndarray, rate: int, mode: str = "speech") -> np.ndarray:
-        """Any rate, mono or (n, channels), float or integer PCM -> embeddings (mono mix, libsoxr resampling)."""
-        return self.embed(to_model_audio(samples, rate), mode)

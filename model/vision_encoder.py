@@ -6,8 +6,9 @@
           --HD layout: sub-image rows + sub_sep, glb_sep, global rows + sub_sep-->
           --projector: Linear -> GELU(erf) -> Linear--> (n_tokens, text_hidden)
 
-Weights and every hyperparameter come from the GGUF written by convert/vision_encoder.py
-(phi4mm.md §3). Everything is float32; crops go through the tower in batches.
+Weights and every hyperparameter come from the GGUF written by convert/vision_encoder.py, read by
+the names of model/format.py (docs/model.md, "Vision encoder"). Everything is float32; crops go
+through the tower in batches.
 
 Speed (bench/encoders.py): weights are transposed once at load (q/k/v fused, the 1/sqrt(d) score
 scale folded into q), so every projection is one plain GEMM over the packed tokens of all crops
@@ -24,11 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from model.format import VISION_LAYOUT, Arch, VisionKey, VisionTensor, arch_key
 from model.gguf_weights import GGUFWeights, load_gguf
 from model.image_crops import ImageCrops, make_crops, num_image_tokens
 from model.layers import LayerNorm, Linear
-
-ARCH = "phi4mm-vision"
 
 
 @dataclass
@@ -49,20 +49,20 @@ class VisionConfig:
 
     @classmethod
     def from_gguf(cls, w: GGUFWeights) -> "VisionConfig":
-        if w.arch != ARCH:
-            raise ValueError(f"not a vision encoder GGUF: architecture is {w.arch!r}, expected {ARCH!r}")
-        for key, want in (("token_compression", "avg_pool_2d"), ("hd_transform_order", "sub_glb"),
-                          ("projector.hidden_act", "gelu")):
+        if w.arch != Arch.VISION:
+            raise ValueError(f"not a vision encoder GGUF: architecture is {w.arch!r}, expected {Arch.VISION!r}")
+        for key, want in VISION_LAYOUT.items():
             if w.get(key) != want:
-                raise ValueError(f"unsupported {ARCH}.{key} = {w.get(key)!r} (expected {want!r})")
+                raise ValueError(f"unsupported {arch_key(w.arch, key)} = {w.get(key)!r} (expected {want!r})")
+        K = VisionKey
         return cls(
-            hidden=int(w.get("embedding_length")), intermediate=int(w.get("feed_forward_length")),
-            heads=int(w.get("attention.head_count")), layers=int(w.get("block_count")),
-            eps=float(w.get("attention.layer_norm_epsilon")), act=str(w.get("hidden_act")),
-            image_size=int(w.get("image_size")), patch_size=int(w.get("patch_size")),
-            crop_size=int(w.get("crop_size")), max_crops=int(w.get("dynamic_hd")),
-            mean=tuple(float(x) for x in w.get("image_mean")), std=tuple(float(x) for x in w.get("image_std")),
-            text_hidden=int(w.get("projector.embedding_length")),
+            hidden=int(w.get(K.EMBEDDING_LENGTH)), intermediate=int(w.get(K.FEED_FORWARD_LENGTH)),
+            heads=int(w.get(K.HEAD_COUNT)), layers=int(w.get(K.BLOCK_COUNT)),
+            eps=float(w.get(K.LAYER_NORM_EPS)), act=str(w.get(K.HIDDEN_ACT)),
+            image_size=int(w.get(K.IMAGE_SIZE)), patch_size=int(w.get(K.PATCH_SIZE)),
+            crop_size=int(w.get(K.CROP_SIZE)), max_crops=int(w.get(K.DYNAMIC_HD)),
+            mean=tuple(float(x) for x in w.get(K.IMAGE_MEAN)), std=tuple(float(x) for x in w.get(K.IMAGE_STD)),
+            text_hidden=int(w.get(K.PROJECTOR_EMBEDDING_LENGTH)),
         )
 
 
@@ -149,17 +149,19 @@ class Block:
     without the padded patches nobody needs), attention within each crop (`Segment`)."""
 
     def __init__(self, w: GGUFWeights, i: int, cfg: VisionConfig):
-        t = lambda name: w.tensor(f"v.blk.{i}.{name}")
+        T = VisionTensor
+        name = lambda module: module.format(bid=i)
+        t = lambda module, part: w.tensor(f"{name(module)}.{part}")
         self.heads, self.head_dim = cfg.heads, cfg.hidden // cfg.heads
         scale = np.float32(self.head_dim ** -0.5)               # folded into q
-        self.ln1 = LayerNorm(t("ln1.weight"), t("ln1.bias"), cfg.eps)
+        self.ln1 = LayerNorm.load(w, name(T.BLK_LN1), cfg.eps)
         self.qkv = Linear.of(                                       # C -> 3C
-            np.concatenate([t("attn_q.weight") * scale, t("attn_k.weight"), t("attn_v.weight")]),
-            np.concatenate([t("attn_q.bias") * scale, t("attn_k.bias"), t("attn_v.bias")]))
-        self.o = Linear.of(t("attn_out.weight"), t("attn_out.bias"))         # C -> C
-        self.ln2 = LayerNorm(t("ln2.weight"), t("ln2.bias"), cfg.eps)
-        self.up = Linear.of(t("ffn_up.weight"), t("ffn_up.bias"))            # C -> F
-        self.down = Linear.of(t("ffn_down.weight"), t("ffn_down.bias"))      # F -> C
+            np.concatenate([t(T.BLK_ATTN_Q, "weight") * scale, t(T.BLK_ATTN_K, "weight"), t(T.BLK_ATTN_V, "weight")]),
+            np.concatenate([t(T.BLK_ATTN_Q, "bias") * scale, t(T.BLK_ATTN_K, "bias"), t(T.BLK_ATTN_V, "bias")]))
+        self.o = Linear.load(w, name(T.BLK_ATTN_OUT))                      # C -> C
+        self.ln2 = LayerNorm.load(w, name(T.BLK_LN2), cfg.eps)
+        self.up = Linear.load(w, name(T.BLK_FFN_UP))                       # C -> F
+        self.down = Linear.load(w, name(T.BLK_FFN_DOWN))                   # F -> C
         self.act = ACTIVATIONS[cfg.act]
 
     def attention(self, x: np.ndarray, segments: list[Segment]) -> np.ndarray:
@@ -199,15 +201,15 @@ class VisionEncoder:
             raise ValueError(f"unsupported vision activation {cfg.act!r}")
         if cfg.hidden % cfg.heads:
             raise ValueError(f"vision width {cfg.hidden} is not divisible by {cfg.heads} heads")
-        t = weights.tensor
+        t, T = weights.tensor, VisionTensor
         # the stride-P PxP patch convolution as one Linear over flattened patches: 3*P*P -> C
-        self.patch_embd = Linear.of(t("v.patch_embd.weight").reshape(cfg.hidden, -1), t("v.patch_embd.bias"))
-        self.pos_emb = t("v.position_embd.weight")       # (side^2, C)
+        self.patch_embd = Linear.of(t(T.PATCH_EMBD + ".weight").reshape(cfg.hidden, -1), t(T.PATCH_EMBD + ".bias"))
+        self.pos_emb = t(T.POSITION_EMBD + ".weight")    # (side^2, C)
         self.blocks = [Block(weights, i, cfg) for i in range(cfg.layers)]
-        self.sub_sep = t("v.sub_sep")                    # (C,) after every row of tokens
-        self.glb_sep = t("v.glb_sep")                    # (C,) between the sub-image and the global view
-        self.mm_up = Linear.of(t("mm.up.weight"), t("mm.up.bias"))        # C -> D
-        self.mm_down = Linear.of(t("mm.down.weight"), t("mm.down.bias"))  # D -> D
+        self.sub_sep = t(T.SUB_SEP)                      # (C,) after every row of tokens
+        self.glb_sep = t(T.GLB_SEP)                      # (C,) between the sub-image and the global view
+        self.mm_up = Linear.load(weights, T.MM_UP)       # C -> D
+        self.mm_down = Linear.load(weights, T.MM_DOWN)   # D -> D
         self.crop_batch = max(1, int(crop_batch))        # crops per tower batch (bounds the activations)
         side = cfg.image_size // cfg.patch_size
         if self.pos_emb.shape != (side * side, cfg.hidden):

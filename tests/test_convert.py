@@ -14,7 +14,11 @@ import pytest
 from convert.checkpoint import CheckpointError
 from convert.pipeline import convert_checkpoint
 from convert.safetensors_file import SafetensorsFile, save_safetensors
+from model.format import AUDIO, IMAGE, AudioKey, read_manifest
+from model.gguf_weights import load_gguf
 from tests.tiny_checkpoint import build_reference, save_native, save_remote_code
+
+pytestmark = pytest.mark.slow  # transformers reference checkpoints, converted and run by llama.cpp
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +162,40 @@ def test_interrupted_conversion_leaves_nothing_that_looks_complete(native, tmp_p
         convert_checkpoint(native, out, "f32", quiet=True)
     assert not (out / "manifest.json").exists()   # the folder no longer claims to be complete
     assert not list(out.glob("*.tmp"))
+
+
+def _respelled(native, folder, image_token="<|image|>", audio_token="<|audio|>"):
+    """A copy of the native checkpoint whose tokenizer spells the placeholders (ids 401 and 402, which
+    the config's vision_config.image_token_id / audio_config.audio_token_id name) as transformers'
+    own Phi-4 tokenizer does, declared as transformers 5 saves them."""
+    folder = _copy(native, folder)
+    spelling = {"<|endoftext10|>": "<|image|>", "<|endoftext11|>": "<|audio|>"}
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    for added in tok["added_tokens"]:
+        added["content"] = spelling.get(added["content"], added["content"])
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, "image_token": image_token,
+                                                              "audio_token": audio_token}))
+    return folder
+
+
+def test_placeholder_ids_come_from_the_checkpoint_not_a_spelling(native, tmp_path):
+    from transformers import AutoTokenizer
+
+    src = _respelled(native, tmp_path / "respelled")
+    tokenizer = AutoTokenizer.from_pretrained(src)   # what transformers' processor reads
+    assert (tokenizer.image_token, tokenizer.audio_token) == ("<|image|>", "<|audio|>")
+    assert tokenizer.convert_tokens_to_ids(["<|image|>", "<|audio|>"]) == [401, 402]
+
+    manifest = convert_checkpoint(src, tmp_path / "out", "f32", quiet=True)
+    assert manifest["placeholders"] == {"image": {"token": "<|image|>", "id": 401},
+                                        "audio": {"token": "<|audio|>", "id": 402}}
+    assert read_manifest(tmp_path / "out").placeholder_ids == {IMAGE: 401, AUDIO: 402}
+    assert load_gguf(tmp_path / "out" / "audio-encoder.gguf").get(AudioKey.AUDIO_TOKEN_ID) == 402
+
+    # the config's id and the tokenizer's declared token must name the same token
+    clash = _respelled(native, tmp_path / "clash", image_token="<|audio|>")
+    with pytest.raises(CheckpointError, match="image_token_id is 401, which the tokenizer spells <\\|image\\|>"):
+        convert_checkpoint(clash, tmp_path / "o", quiet=True)
+    assert not (tmp_path / "o").exists()   # refused before anything is written

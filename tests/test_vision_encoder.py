@@ -8,7 +8,7 @@ grids, masks and token counts. Relative error = max |ours - reference| / max |re
 torchvision is a test-only dependency of the reference image processor:
     pip install --no-deps "torchvision==0.28.*"
 Its compiled ops do not load with the local CPU torch; `_allow_torchvision()` makes the Python
-part importable (phi4mm.md §11).
+part importable (docs/model.md, "transformers as the reference").
 """
 from __future__ import annotations
 
@@ -26,9 +26,11 @@ def _allow_torchvision() -> None:
 
 
 _allow_torchvision()
-torch = pytest.importorskip("torch")
-pytest.importorskip("torchvision")
-pytest.importorskip("transformers")
+from tests.conftest import require  # noqa: E402
+
+torch = require("torch", "the reference vision tower runs on torch")
+require("torchvision", "the reference image processor's transforms (test extra)")
+require("transformers", "the reference image processor and vision tower (test extra)")
 
 from torchvision.transforms.v2 import functional as tvF  # noqa: E402
 from transformers import Phi4MultimodalConfig  # noqa: E402
@@ -161,7 +163,7 @@ def test_extreme_aspect_ratio_refused_like_reference(processor, width, height, m
 
 
 def test_token_counts_of_spec_examples():
-    # phi4mm.md §3.5
+    # the worked examples of docs/model.md, "Vision encoder"
     examples = {(448, 448): 545, (896, 448): 801, (640, 480): 1065, (1000, 500): 1449, (1344, 1344): 2625,
                 (1920, 1080): 3918, (4000, 3000): 3393, (2688, 2688): 9585, (300, 200): 460, (28, 448): 305}
     for (w, h), n in examples.items():
@@ -217,6 +219,7 @@ def test_gelu_erf_matches_torch():
 
 # -- converter ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_gguf_holds_used_blocks_and_hyperparameters(gguf_f32, state):
     w = load_gguf(gguf_f32)
     assert w.arch == ARCH
@@ -234,6 +237,7 @@ def test_gguf_holds_used_blocks_and_hyperparameters(gguf_f32, state):
     np.testing.assert_array_equal(w.tensor("mm.down.bias"), state["img_projection_down.bias"])
 
 
+@pytest.mark.slow
 def test_converter_streams_loaders_and_reads_processor_settings(reference, state, tmp_path):
     loaded = []
 
@@ -256,6 +260,7 @@ def test_converter_streams_loaders_and_reads_processor_settings(reference, state
     assert encoder.preprocess(image).num_tokens == 753
 
 
+@pytest.mark.slow
 def test_converter_errors(reference, state, tmp_path):
     cfg = reference.config.vision_config.to_dict()
     partial = {k: v for k, v in state.items() if "layers.1.mlp" not in k}
@@ -281,6 +286,7 @@ MODEL_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("width,height", MODEL_CASES)
 def test_encoder_matches_reference_on_same_pixels(reference, encoder, processor, width, height):
     inputs = processor(random_image(width, height, seed=5), return_tensors="pt")
@@ -302,6 +308,7 @@ def test_encoder_matches_reference_on_same_pixels(reference, encoder, processor,
 
 @pytest.mark.parametrize("width,height,max_crops", [(640, 480, None), (1920, 1080, 4), (4000, 3000, None),
                                                     (28, 448, None), (1344, 1344, 1)])
+@pytest.mark.slow
 def test_image_to_embeddings_end_to_end(reference, encoder, processor, width, height, max_crops):
     image = random_image(width, height, seed=6)
     kwargs = {} if max_crops is None else {"dynamic_hd": max_crops}
@@ -311,6 +318,7 @@ def test_image_to_embeddings_end_to_end(reference, encoder, processor, width, he
     assert rel_err(ours, ref) <= F32_BOUND
 
 
+@pytest.mark.slow
 def test_36_crops_end_to_end(reference, encoder, processor):
     image = random_image(2688, 2688, seed=7)
     ref = run_reference(reference, processor(image, return_tensors="pt"))
@@ -319,6 +327,7 @@ def test_36_crops_end_to_end(reference, encoder, processor):
     assert rel_err(ours, ref) <= F32_BOUND
 
 
+@pytest.mark.slow
 def test_f16_encoder_close(reference, state, processor, tmp_path):
     path = write_vision_encoder(state, reference.config.vision_config.to_dict(), tmp_path / "v16.gguf", "f16",
                                 progress=False)
@@ -328,6 +337,7 @@ def test_f16_encoder_close(reference, state, processor, tmp_path):
     assert rel_err(encoder.embed(image), ref) <= F16_BOUND
 
 
+@pytest.mark.slow
 def test_crop_batch_does_not_change_result(gguf_f32):
     image = random_image(1000, 500, seed=9)
     one = VisionEncoder.load(gguf_f32, crop_batch=1).embed(image)

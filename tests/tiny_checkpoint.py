@@ -3,8 +3,8 @@
 `build_reference(...)` returns the in-memory reference (a PEFT-wrapped
 `Phi4MultimodalForCausalLM` with "vision" and "speech" adapters, and its tokenizer);
 `save_native` / `save_remote_code` write it to disk the way the Hub ships each layout
-(phi4mm.md §2). Weights are scaled so that logits are far from uniform, LoRA B is
-non-zero, rope factors are not all 1 and rotary is partial.
+(docs/model.md, "Checkpoint layouts"). Weights are scaled so that logits are far from uniform,
+LoRA B is non-zero, rope factors are not all 1 and rotary is partial.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ PHI4_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
 )
 
-# In the real vocabulary these follow o200k's 199998 byte-level BPE tokens (phi4mm.md §1.3).
+# In the real vocabulary these follow o200k's 199998 byte-level BPE tokens (docs/model.md, "Decoder").
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|endoftext10|>", "<|endoftext11|>", "<|endofprompt|>", "<|assistant|>", "<|end|>",
     "<|user|>", "<|system|>", "<|tool|>", "<|/tool|>", "<|tool_call|>", "<|/tool_call|>", "<|tool_response|>",
@@ -128,7 +128,8 @@ def build_reference(shapes: TinyShapes | None = None, seed: int = 0) -> Referenc
     shapes = shapes or TinyShapes()
     tokenizer = build_tokenizer(shapes)
     torch.manual_seed(seed)
-    # Eager attention: with SDPA the vision tower silently turns causal on unpadded crops (phi4mm.md §11).
+    # Eager attention: with SDPA the vision tower silently turns causal on unpadded crops
+    # (docs/model.md, "transformers as the reference").
     model = Phi4MultimodalForCausalLM._from_config(_config(shapes, tokenizer, seed), attn_implementation="eager").eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -194,7 +195,7 @@ def save_native(ref: Reference, folder: Path) -> Path:
     return folder
 
 
-# Native -> original names (phi4mm.md §2.2, read right to left).
+# Native -> original names (docs/model.md, "Checkpoint layouts"; read right to left).
 _TO_REMOTE = [
     (r"(audio_embed\.encoder\.encoders\.\d+\.feed_forward_(in|out))\.gate_up_proj", r"\1.net.0.linear"),
     (r"(audio_embed\.encoder\.encoders\.\d+\.feed_forward_(in|out))\.down_proj", r"\1.net.2"),

@@ -1,0 +1,253 @@
+"""model/format.py: the manifest's checks and messages, and the encoder GGUF names both sides use.
+
+Fast: the encoder files here are written from small random arrays (no torch, no checkpoint).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import gguf
+import numpy as np
+import pytest
+
+from convert.audio_encoder import write_audio_encoder
+from convert.vision_encoder import write_vision_encoder
+from model.format import (
+    AUDIO, IMAGE, MANIFEST_FILE, Arch, AudioKey, Manifest, ManifestError, Placeholder, VisionKey, arch_key,
+    is_converted, read_manifest, write_manifest,
+)
+from model.gguf_weights import GGUFWeights, load_gguf
+from model.speech_encoder import SpeechEncoder
+from model.vision_encoder import VisionEncoder
+
+FILES = ("backbone.gguf", "lora-vision.gguf", "lora-speech.gguf", "vision-encoder.gguf", "audio-encoder.gguf")
+
+
+def converted_folder(folder):
+    """A folder as the converter leaves it (empty stand-ins for the GGUFs); returns the manifest dict."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in FILES:
+        (folder / name).write_bytes(b"")
+    return write_manifest(folder, source="/checkpoints/phi4", layout="transformers", outtype="q4_k_m",
+                          placeholders={IMAGE: Placeholder("<|image|>", 200010), AUDIO: Placeholder("<|audio|>", 200011)},
+                          lora_alpha={"vision": 512.0, "speech": 640.0}, lora_rank={"vision": 256, "speech": 320},
+                          original_context=4096, max_context=131072)
+
+
+def edit(folder, change):
+    """Rewrite the folder's manifest.json with `change(manifest dict)` applied."""
+    raw = json.loads((folder / MANIFEST_FILE).read_text())
+    change(raw)
+    (folder / MANIFEST_FILE).write_text(json.dumps(raw))
+
+
+def one_line_error(folder) -> str:
+    with pytest.raises(ManifestError) as caught:
+        read_manifest(folder)
+    message = str(caught.value)
+    assert "\n" not in message and "python -m convert CHECKPOINT" in message   # what to run is always said
+    return message
+
+
+# -- the manifest ---------------------------------------------------------------------------------
+
+def test_a_written_manifest_reads_back(tmp_path):
+    written = converted_folder(tmp_path)
+    m = read_manifest(tmp_path)
+    assert isinstance(m, Manifest) and m.folder == tmp_path
+    assert m.backbone == tmp_path / "backbone.gguf"
+    assert m.loras == {"vision": tmp_path / "lora-vision.gguf", "speech": tmp_path / "lora-speech.gguf"}
+    assert m.vision_encoder == tmp_path / "vision-encoder.gguf"
+    assert m.audio_encoder == tmp_path / "audio-encoder.gguf"
+    assert m.placeholder_ids == {IMAGE: 200010, AUDIO: 200011}
+    assert m.outtype == "q4_k_m" and m.raw == written
+    # the keys app/engine.py reads from the JSON itself
+    assert written["files"]["backbone"] == "backbone.gguf" and written["placeholders"]["image"]["id"] == 200010
+    assert written["files"]["lora"] == {"vision": "lora-vision.gguf", "speech": "lora-speech.gguf"}
+    assert not list(tmp_path.glob("*.tmp")) and is_converted(tmp_path)
+
+
+def test_encoders_are_optional(tmp_path):
+    converted_folder(tmp_path)
+
+    def text_only(raw):
+        del raw["files"]["vision_encoder"], raw["files"]["audio_encoder"]
+        raw["placeholders"] = {}
+    edit(tmp_path, text_only)
+    m = read_manifest(tmp_path)
+    assert m.vision_encoder is None and m.audio_encoder is None and m.placeholder_ids == {}
+
+
+def test_missing_folder_or_manifest(tmp_path):
+    for folder in (tmp_path / "nowhere", tmp_path):
+        message = one_line_error(folder)
+        assert "manifest.json not found: not a converted model folder, or the conversion did not finish" in message
+        assert f"run: python -m convert CHECKPOINT {folder}" in message
+        assert not is_converted(folder)
+
+
+def test_not_json(tmp_path):
+    converted_folder(tmp_path)
+    (tmp_path / MANIFEST_FILE).write_text('{"format": "phi4mm-local", ')
+    assert "manifest.json is not JSON" in one_line_error(tmp_path)
+    (tmp_path / MANIFEST_FILE).write_bytes(b"\xff\xfe")
+    assert "manifest.json is not JSON" in one_line_error(tmp_path)
+    (tmp_path / MANIFEST_FILE).write_text("[1, 2]")
+    assert "is not a phi4mm-local manifest" in one_line_error(tmp_path)
+
+
+@pytest.mark.parametrize("version", [2, 0, "1", True, None])
+def test_another_format_version(tmp_path, version):
+    converted_folder(tmp_path)
+    edit(tmp_path, lambda raw: raw.update(version=version))
+    message = one_line_error(tmp_path)
+    assert f"was written by another converter version (format {version}); this app reads format 1: " \
+           f"rerun python -m convert CHECKPOINT {tmp_path}" in message
+
+
+@pytest.mark.parametrize("path,key", [
+    (("files", "backbone"), "files.backbone"),
+    (("files",), "files.backbone"),
+    (("outtype",), "outtype"),
+    (("placeholders",), "placeholders"),
+    (("placeholders", "audio"), "placeholders.audio.id"),       # the audio encoder needs it
+    (("placeholders", "image", "id"), "placeholders.image.id"),
+])
+def test_missing_key_is_named(tmp_path, path, key):
+    converted_folder(tmp_path)
+
+    def drop(raw):
+        for part in path[:-1]:
+            raw = raw[part]
+        del raw[path[-1]]
+    edit(tmp_path, drop)
+    assert f"lacks {key!r}" in one_line_error(tmp_path)
+
+
+def test_wrong_type_is_named(tmp_path):
+    converted_folder(tmp_path)
+    edit(tmp_path, lambda raw: raw["placeholders"]["image"].update(id="200010"))
+    assert "'placeholders.image.id' should be a token id, not '200010'" in one_line_error(tmp_path)
+    converted_folder(tmp_path)
+    edit(tmp_path, lambda raw: raw.update(files=["backbone.gguf"]))
+    assert "'files' should be an object" in one_line_error(tmp_path)
+
+
+def test_missing_listed_file_is_named(tmp_path):
+    converted_folder(tmp_path)
+    (tmp_path / "lora-speech.gguf").unlink()
+    message = one_line_error(tmp_path)
+    assert f"{tmp_path / 'lora-speech.gguf'} is missing (listed in manifest.json as 'files.lora.speech')" in message
+
+
+# -- encoder GGUF names: what convert/ writes is what model/ reads ---------------------------------
+
+@dataclass
+class Recording(GGUFWeights):
+    """GGUF contents that note which tensors and metadata keys a reader asks for."""
+    tensors_read: set = field(default_factory=set)
+    keys_read: set = field(default_factory=set)
+
+    def tensor(self, name):
+        self.tensors_read.add(name)
+        return super().tensor(name)
+
+    def get(self, key):
+        self.keys_read.add(key)
+        return super().get(key)
+
+
+def recorded(path) -> Recording:
+    w = load_gguf(path)
+    return Recording(w.arch, w.metadata, w.tensors)
+
+
+def keys_of(key_class) -> set[str]:
+    return {value for name, value in vars(key_class).items() if name.isupper()}
+
+
+def random_tensors(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {name: (0.1 * rng.standard_normal(shape)).astype(np.float32) for name, shape in shapes.items()}
+
+
+def test_vision_encoder_names_round_trip(tmp_path):
+    C, F, D, P, side = 8, 12, 6, 14, 2
+    shapes = {
+        "img_processor.embeddings.patch_embedding.weight": (C, 3, P, P),
+        "img_processor.embeddings.patch_embedding.bias": (C,),
+        "img_processor.embeddings.position_embedding.weight": (side * side, C),
+        "sub_img_feature_extensor": (1, 1, 1, C), "global_img_feature_extensor": (1, 1, C),
+        "img_projection_up.weight": (D, C), "img_projection_up.bias": (D,),
+        "img_projection_down.weight": (D, D), "img_projection_down.bias": (D,),
+    }
+    block = {"layer_norm1": (C, C), "self_attn.q_proj": (C, C), "self_attn.k_proj": (C, C),
+             "self_attn.v_proj": (C, C), "self_attn.out_proj": (C, C), "layer_norm2": (C, C),
+             "mlp.fc1": (F, C), "mlp.fc2": (C, F)}
+    for bid in range(2):
+        for module, (n_out, n_in) in block.items():
+            norm = module.startswith("layer_norm")
+            shapes[f"img_processor.encoder.layers.{bid}.{module}.weight"] = (n_out,) if norm else (n_out, n_in)
+            shapes[f"img_processor.encoder.layers.{bid}.{module}.bias"] = (n_out,)
+    config = dict(hidden_size=C, intermediate_size=F, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=side * P, patch_size=P, crop_size=side * P)
+    path = write_vision_encoder(random_tensors(shapes), config, tmp_path / "v.gguf", progress=False)
+
+    w = recorded(path)
+    VisionEncoder(w)
+    assert w.arch == Arch.VISION
+    assert w.tensors_read == set(w.tensors)          # every tensor written is read, by the same name
+    written = {k for k in w.metadata if k.startswith(Arch.VISION + ".")}
+    assert written == {arch_key(Arch.VISION, k) for k in keys_of(VisionKey)}
+    assert w.keys_read <= keys_of(VisionKey)
+
+
+def test_audio_encoder_names_round_trip(tmp_path):
+    H, I, C, P, n_mels, K = 8, 12, 4, 6, 80, 3
+    F = 10   # mel bins after three stride-2 convolutions: 80 -> 40 -> 20 -> 10
+    shapes = {
+        "encoder.encoder_embedding.global_mean": (n_mels,), "encoder.encoder_embedding.global_invstd": (n_mels,),
+        "encoder.embed.conv.0.weight": (C, 1, 3, 3), "encoder.embed.conv.0.bias": (C,),
+        "encoder.embed.out.weight": (H, C * F), "encoder.embed.out.bias": (H,),
+        "encoder.relative_attention_bias_layer.bias_values.weight": (2 * 5, 2),
+    }
+    for i in (1, 2):
+        shapes |= {f"encoder.embed.conv.{3 * i - 1}.weight": (C, 1, 3, 3), f"encoder.embed.conv.{3 * i - 1}.bias": (C,),
+                   f"encoder.embed.conv.{3 * i}.weight": (C, C, 1, 1), f"encoder.embed.conv.{3 * i}.bias": (C,)}
+    b = "encoder.encoders.0."
+    for side in ("in", "out"):
+        ffn = f"{b}feed_forward_{side}."
+        shapes |= {ffn + "layer_norm.weight": (H,), ffn + "layer_norm.bias": (H,),
+                   ffn + "gate_up_proj.weight": (2 * I, H), ffn + "gate_up_proj.bias": (2 * I,),
+                   ffn + "down_proj.weight": (H, I), ffn + "down_proj.bias": (H,)}
+    for p in ("q", "k", "v", "o"):
+        shapes |= {f"{b}self_attn.{p}_proj.weight": (H, H), f"{b}self_attn.{p}_proj.bias": (H,)}
+    for norm in ("layer_norm_att", "conv.layer_norm", "layer_norm"):
+        shapes |= {f"{b}{norm}.weight": (H,), f"{b}{norm}.bias": (H,)}
+    shapes |= {
+        f"{b}conv.glu.ext_pw_conv_1d.weight": (2 * H, H, 1), f"{b}conv.glu.ext_pw_conv_1d.bias": (2 * H,),
+        f"{b}conv.glu.b1": (1, H, 1), f"{b}conv.glu.b2": (1, H, 1),
+        f"{b}conv.dw_sep_conv_1d.dw_conv.weight": (H, 1, K), f"{b}conv.dw_sep_conv_1d.dw_conv.bias": (H,),
+        f"{b}conv.dw_sep_conv_1d.pw_conv.weight": (H, H, 1), f"{b}conv.dw_sep_conv_1d.pw_conv.bias": (H,),
+        f"{b}conv.ext_pw_conv_1d.weight": (H, H, 1), f"{b}conv.ext_pw_conv_1d.bias": (H,),
+    }
+    for native in ("speech", "vision_speech"):
+        shapes |= {f"up_proj_for_{native}.weight": (P, H), f"up_proj_for_{native}.bias": (P,),
+                   f"down_proj_for_{native}.weight": (P, P), f"down_proj_for_{native}.bias": (P,)}
+    config = dict(hidden_size=H, intermediate_size=I, num_blocks=1, num_attention_heads=2, nemo_conv_channels=C,
+                  ext_pw_out_channel=H, depthwise_separable_out_channel=H, bias_max_distance=5, kernel_size=K)
+    path = write_audio_encoder(random_tensors(shapes), config, tmp_path / "a.gguf")
+
+    w = recorded(path)
+    encoder = SpeechEncoder.from_weights(w)
+    assert w.arch == Arch.AUDIO
+    assert w.tensors_read == set(w.tensors)
+    written = {k for k in w.metadata if k.startswith(Arch.AUDIO + ".")}
+    assert written == {arch_key(Arch.AUDIO, k) for k in keys_of(AudioKey)}
+    assert w.keys_read <= keys_of(AudioKey)
+    assert encoder.embed(np.zeros(16000, np.float32)).shape == (encoder.num_tokens(16000), P)
+
+
+def test_the_decoder_is_llama_cpps_phi3():
+    assert Arch.DECODER == gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.PHI3]
