@@ -1,8 +1,10 @@
-"""The engine: Phi-4-multimodal on llama.cpp, with a mixture of LoRAs and injected embeddings.
+"""The local engine: Phi-4-multimodal on llama.cpp, with a mixture of LoRAs and injected embeddings.
 
-    engine = Engine.load("~/.cache/phi4mm/models/phi-4-multimodal-q4_k_m")
-    for piece in engine.generate([{"role": "user", "content": "Hi"}], stream=True):
-        print(piece, end="")
+    engine = LocalEngine.load("~/.cache/phi4mm/models/phi-4-multimodal-q4_k_m")
+    for chunk in engine.stream([{"role": "user", "content": "Hi"}], Sampling(max_tokens=100)):
+        print(chunk.text, end="")
+
+It implements the engine contract of app/engine_api.py.
 
 A request renders the messages with the model's chat template, encodes its images and
 audio with the numpy encoders (model/), picks the LoRA the prompt's modalities call for,
@@ -18,53 +20,36 @@ from __future__ import annotations
 
 import codecs
 import hashlib
-import json
 import os
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
+from PIL import Image
 
+from app.engine_api import (
+    AUDIO,
+    AUTO,
+    IMAGE,
+    Chunk,
+    Completion,
+    ContextFull,
+    EngineError,
+    PromptError,
+    Sampling,
+    Usage,
+)
+from app import media
 from app.llama_backend import LlamaContext, LlamaModel, Sampler
-from app.prompt import AUDIO, IMAGE, ChatTemplate, Media, Prompt, PromptError
+from app.prompt import ChatTemplate, Media, Prompt
+from model.audio_io import to_model_audio
+from model.format import Manifest, ManifestError, read_manifest
 
-MANIFEST = "manifest.json"
-AUTO = "auto"
-
-
-class EngineError(RuntimeError):
-    """A request the engine cannot serve; the message says why."""
-
-
-class ContextFull(EngineError):
-    pass
-
-
-@dataclass
-class Timings:
-    """What the last request cost, for the UI and the benchmarks."""
-    adapter: str | None = None
-    prompt_tokens: int = 0
-    reused_tokens: int = 0        # prompt positions already in the KV cache
-    encoder_ms: float = 0.0
-    prefill_ms: float = 0.0
-    ttft_ms: float = 0.0          # request start -> first token sampled
-    decode_tokens: int = 0
-    decode_ms: float = 0.0
-    finish_reason: str = ""       # "stop", "length", or "context"
-
-    @property
-    def prefill_tokens_per_s(self) -> float:
-        n = self.prompt_tokens - self.reused_tokens
-        return n / (self.prefill_ms / 1000) if self.prefill_ms > 0 else 0.0
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return self.decode_tokens / (self.decode_ms / 1000) if self.decode_ms > 0 else 0.0
+EMBEDDING_CACHE_ITEMS = 16  # images / clips whose embeddings are kept for later turns
 
 
 @dataclass
@@ -84,6 +69,23 @@ class _Window:
     adapters: tuple[str, ...] = ()
 
 
+def _image_of(value: Any) -> Image.Image:
+    """An image part's value: a PIL image as it is, a file through the media reader's cache."""
+    return value if isinstance(value, Image.Image) else media.load_image_file(value)
+
+
+def _audio_of(value: Any) -> tuple[np.ndarray, int]:
+    """An audio part's value: (samples, sample_rate) as it is, a file through the media reader's cache."""
+    return value if isinstance(value, tuple) else media.load_audio_file(value)
+
+
+def _audio_seconds(value: Any) -> float:
+    if isinstance(value, tuple):
+        samples, rate = value
+        return len(samples) / rate
+    return media.audio_duration(value)
+
+
 def _common_prefix(a: Sequence, b: Sequence) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -92,19 +94,18 @@ def _common_prefix(a: Sequence, b: Sequence) -> int:
     return n
 
 
-class Engine:
-    def __init__(self, model: LlamaModel, manifest: dict | None, folder: Path | None, n_ctx: int,
-                 n_batch: int, n_threads: int, kv_type: str):
+class LocalEngine:
+    """The engine contract (app/engine_api.py) on llama.cpp, with the numpy encoders."""
+
+    def __init__(self, model: LlamaModel, manifest: Manifest | None, n_ctx: int, n_batch: int, n_threads: int,
+                 kv_type: str):
         self.model = model
-        self.manifest = manifest or {}
-        self.folder = folder
+        self.manifest = manifest  # None for a single text-only GGUF
         self.n_threads = n_threads
         self._n_batch = n_batch
         self._kv_type = kv_type
         # A plain Lock: a streamed answer may be resumed (and finished) on another thread than it began.
         self._lock = threading.Lock()
-        self.last = Timings()
-        self.last_token_ids: list[int] = []  # the last completion's tokens (tests, debugging)
 
         template = model.chat_template()
         if not template:
@@ -120,12 +121,10 @@ class Engine:
         arch = model.meta("general.architecture") or ""
         original = model.meta(f"{arch}.rope.scaling.original_context_length")
         self.original_context = int(original) if original else n_ctx
-        self.n_ctx = n_ctx
+        self._n_ctx = n_ctx
         self._short = _Window(LlamaContext(model, min(n_ctx, self.original_context), n_batch, n_threads, kv_type))
         self._long: _Window | None = None  # made when a conversation first outgrows the short window
 
-        placeholders = self.manifest.get("placeholders", {})
-        self._placeholder_ids = {kind: int(p["id"]) for kind, p in placeholders.items()}
         self.vision = None
         self.speech = None
         self._embedding_cache: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -134,43 +133,42 @@ class Engine:
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, n_ctx: int = 4096, n_threads: int | None = None,
-             n_batch: int = 512, kv_type: str = "f16", verbose: bool = False) -> "Engine":
+             n_batch: int = 512, kv_type: str = "f16", verbose: bool = False) -> "LocalEngine":
         """Open a converted folder (manifest.json + GGUFs), or a single text-only .gguf file."""
         path = Path(model_dir).expanduser()
         n_threads = n_threads or os.cpu_count() or 1
         if path.is_file() and path.suffix == ".gguf":
-            return cls(LlamaModel(path, verbose), None, None, n_ctx, n_batch, n_threads, kv_type)
+            return cls(LlamaModel(path, verbose), None, n_ctx, n_batch, n_threads, kv_type)
         if not path.is_dir():
             raise FileNotFoundError(f"no model at {path}")
-        manifest_path = path / MANIFEST
-        if not manifest_path.exists():
-            raise EngineError(f"{path} has no {MANIFEST}: not a converted model folder, or the conversion did "
-                              f"not finish (run: python -m convert CHECKPOINT {path})")
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest.get("files", {})
-        model = LlamaModel(path / files["backbone"], verbose)
-        for name, file in files.get("lora", {}).items():
-            model.load_adapter(name, path / file)
-        engine = cls(model, manifest, path, n_ctx, n_batch, n_threads, kv_type)
-        engine._load_encoders(files)
-        return engine
-
-    def _load_encoders(self, files: dict) -> None:
-        if files.get("vision_encoder"):
+        try:
+            manifest = read_manifest(path)
+        except ManifestError as e:
+            raise EngineError(str(e)) from None
+        model = LlamaModel(manifest.backbone, verbose)
+        for name, file in manifest.loras.items():
+            model.load_adapter(name, file)
+        engine = cls(model, manifest, n_ctx, n_batch, n_threads, kv_type)
+        if manifest.vision_encoder:
             from model.vision_encoder import VisionEncoder
-            self.vision = VisionEncoder.load(self.folder / files["vision_encoder"])
-        if files.get("audio_encoder"):
+            engine.vision = VisionEncoder.load(manifest.vision_encoder)
+        if manifest.audio_encoder:
             from model.speech_encoder import SpeechEncoder
-            self.speech = SpeechEncoder.load(self.folder / files["audio_encoder"])
+            engine.speech = SpeechEncoder.load(manifest.audio_encoder)
+        return engine
 
     @property
     def adapters(self) -> list[str]:
         return sorted(self.model.adapters)
 
     @property
-    def modalities(self) -> set[str]:
+    def modalities(self) -> frozenset[str]:
         """What this model folder can read besides text."""
-        return {kind for kind, enc in ((IMAGE, self.vision), (AUDIO, self.speech)) if enc is not None}
+        return frozenset(kind for kind, enc in ((IMAGE, self.vision), (AUDIO, self.speech)) if enc is not None)
+
+    @property
+    def n_ctx(self) -> int:
+        return self._n_ctx
 
     def close(self) -> None:
         for window in (self._short, self._long):
@@ -180,34 +178,34 @@ class Engine:
 
     # -- prompt -> positions --------------------------------------------------------------
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.model.tokenize(text)
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        """Text -> token ids; with `special`, special tokens written in the text are parsed as such."""
+        return self.model.tokenize(text, special=special)
 
-    def _embed(self, media: Media, prompt: Prompt) -> tuple[str, np.ndarray]:
+    def _embed(self, item: Media, prompt: Prompt) -> tuple[str, np.ndarray]:
         """Encode one image or audio item (cached by content, so later turns reuse it)."""
-        if media.kind == IMAGE:
+        if item.kind == IMAGE:
             if self.vision is None:
                 raise EngineError("this model has no vision encoder: it cannot read images")
-            image = media.value
-            options = {"max_crops": media.options.get("max_crops")}
+            image = _image_of(item.value)
+            options = {"max_crops": item.options.get("max_crops")}
             raw = image.tobytes() + repr((image.mode, image.size, options)).encode()
         else:
             if self.speech is None:
                 raise EngineError("this model has no speech encoder: it cannot hear audio")
-            samples, rate = media.value
-            # image+audio prompts project audio with the vision-speech head (phi4mm.md §4.3)
+            samples, rate = _audio_of(item.value)
+            # image+audio prompts project audio with the vision-speech head (docs/model.md, "Speech encoder")
             options = {"mode": "vision" if IMAGE in prompt.modalities else "speech"}
             raw = np.ascontiguousarray(samples).tobytes() + repr((int(rate), options)).encode()
         digest = hashlib.sha1(raw).hexdigest()
         rows = self._embedding_cache.get(digest)
         if rows is None:
-            if media.kind == IMAGE:
-                rows = self.vision.embed(media.value, max_crops=options["max_crops"])
+            if item.kind == IMAGE:
+                rows = self.vision.embed(image, max_crops=options["max_crops"])
             else:
-                from model.audio_io import to_model_audio
                 rows = self.speech.embed(to_model_audio(samples, int(rate)), mode=options["mode"])
             self._embedding_cache[digest] = rows
-            while len(self._embedding_cache) > 16:
+            while len(self._embedding_cache) > EMBEDDING_CACHE_ITEMS:
                 self._embedding_cache.popitem(last=False)
         self._embedding_cache.move_to_end(digest)
         return digest, rows
@@ -281,7 +279,7 @@ class Engine:
         window.segments = list(segments)
         return reuse
 
-    def _start(self, messages: list[dict], adapter: str | None) -> tuple[_Window, tuple, Timings]:
+    def _start(self, messages: list[dict], adapter: str | None) -> tuple[_Window, tuple, Usage]:
         t0 = time.perf_counter()
         prompt = self.template.build(messages)
         adapters = self._resolve_adapter(prompt, adapter)
@@ -290,80 +288,105 @@ class Engine:
         window = self._window_for(n)
         t1 = time.perf_counter()
         reused = self._prefill(window, segments, adapters)
-        timings = Timings(adapter=adapters[0] if adapters else None, prompt_tokens=n, reused_tokens=reused,
-                          encoder_ms=encoder_s * 1000, prefill_ms=(time.perf_counter() - t1) * 1000)
-        timings.ttft_ms = (time.perf_counter() - t0) * 1000
-        return window, adapters, timings
+        usage = Usage(adapter=adapters[0] if adapters else None, prompt_tokens=n, cached_tokens=reused,
+                      encoder_ms=encoder_s * 1000, prefill_ms=(time.perf_counter() - t1) * 1000)
+        usage.ttft_ms = (time.perf_counter() - t0) * 1000
+        return window, adapters, usage
 
     # -- public API -----------------------------------------------------------------------
 
-    def next_token_logits(self, messages: list[dict], adapter: str | None = AUTO) -> np.ndarray:
-        """Logits (float32, n_vocab) for the token after the rendered prompt."""
+    def next_token_logits(self, messages: list[dict], adapter: str | None = AUTO) -> tuple[np.ndarray, Usage]:
+        """Logits (float32, n_vocab) for the token after the rendered prompt, and what the prefill cost."""
         with self._lock:
-            window, _, self.last = self._start(messages, adapter)
-            return window.ctx.logits()
+            window, _, usage = self._start(messages, adapter)
+            return window.ctx.logits(), usage
 
-    def generate(self, messages: list[dict], max_tokens: int = 512, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, stop: Sequence[str] | None = None, stream: bool = False,
-                 grammar: str | None = None, seed: int | None = None, adapter: str | None = AUTO):
-        """Complete the conversation. Returns the text, or an iterator of text pieces if `stream`.
+    def generate(self, messages: list[dict], sampling: Sampling = Sampling(), *,
+                 adapter: str | None = AUTO) -> Completion:
+        """Complete the conversation.
 
-        Generation ends at the model's end-of-turn token, a `stop` string (neither is
-        returned), `max_tokens`, or a full context. `grammar` (llama.cpp GBNF) constrains
-        the output. `adapter` forces a LoRA ("vision", "speech", None) instead of the rule.
+        Generation ends at the model's end-of-turn token, a stop string (neither is returned),
+        `max_tokens`, or a full context. `adapter` forces a LoRA ("vision", "speech", None)
+        instead of the rule.
         """
-        if max_tokens < 0:
-            raise ValueError("max_tokens must be >= 0")
-        pieces = self._generate(messages, max_tokens, temperature, top_p, top_k, list(stop or []),
-                                grammar, seed, adapter)
-        return pieces if stream else "".join(pieces)
+        token_ids: list[int] = []
+        text, last = [], None
+        for chunk in self._generate(messages, sampling, adapter, token_ids):
+            text.append(chunk.text)
+            last = chunk
+        return Completion("".join(text), last.finish_reason, last.usage, token_ids)
 
-    def _generate(self, messages, max_tokens, temperature, top_p, top_k, stops, grammar, seed,
-                  adapter) -> Iterator[str]:
+    def stream(self, messages: list[dict], sampling: Sampling = Sampling(), *,
+               adapter: str | None = AUTO) -> Iterator[Chunk]:
+        """Like `generate`, in chunks; closing the iterator stops the generation at once."""
+        return self._generate(messages, sampling, adapter, [])
+
+    def count_tokens(self, part: dict[str, Any]) -> int:
+        """Prompt tokens of one content part, from the loaded encoders' own configuration
+        (an image's size and detail, an audio clip's length), without encoding anything."""
+        kind = part.get("type")
+        if kind == "text":
+            return len(self.model.tokenize(str(part.get("text", "")), special=False))
+        if kind == IMAGE:
+            if self.vision is None:
+                raise EngineError("this model has no vision encoder: it cannot read images")
+            value = part[IMAGE]
+            width, height = value.size if isinstance(value, Image.Image) else media.image_size(value)
+            return self.vision.num_tokens(width, height, part.get("max_crops"))
+        if kind == AUDIO:
+            if self.speech is None:
+                raise EngineError("this model has no speech encoder: it cannot hear audio")
+            seconds = _audio_seconds(part[AUDIO])
+            return self.speech.num_tokens(round(seconds * self.speech.sample_rate))
+        raise PromptError(f"unknown content type {kind!r} (text, image, audio)")
+
+    def _generate(self, messages: list[dict], sampling: Sampling, adapter: str | None,
+                  token_ids: list[int]) -> Iterator[Chunk]:
+        stops = sampling.stop
         with self._lock:
             t0 = time.perf_counter()
-            window, adapters, timings = self._start(messages, adapter)
-            self.last = timings
-            sampler = Sampler(self.model, temperature, top_p, top_k, seed, grammar)
+            window, adapters, usage = self._start(messages, adapter)
+            sampler = Sampler(self.model, sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed,
+                              sampling.grammar)
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             text, emitted, stopped_by_string = "", 0, False
-            self.last_token_ids = generated = []
             longest_stop = max((len(s) for s in stops), default=0)
-            timings.finish_reason = "length"
+            finish_reason = "length"
             t_decode = time.perf_counter()
             try:
-                for step in range(max_tokens):
+                for step in range(sampling.max_tokens):
                     token = sampler.sample(window.ctx)
                     if step == 0:
-                        timings.ttft_ms = (time.perf_counter() - t0) * 1000
+                        usage.ttft_ms = (time.perf_counter() - t0) * 1000
                         t_decode = time.perf_counter()
                     if self.model.is_end_of_generation(token):
-                        timings.finish_reason = "stop"
+                        finish_reason = "stop"
                         break
-                    timings.decode_tokens += 1
-                    generated.append(token)
+                    usage.completion_tokens += 1
+                    token_ids.append(token)
                     text += decoder.decode(self.model.token_text(token))
                     hits = [i for i in (text.find(s, max(emitted - longest_stop, 0)) for s in stops) if i >= 0]
                     if hits:
                         if min(hits) > emitted:
-                            yield text[emitted:min(hits)]
+                            yield Chunk(text[emitted:min(hits)])
                         emitted, stopped_by_string = len(text), True
-                        timings.finish_reason = "stop"
+                        finish_reason = "stop"
                         break
                     # hold back a tail that could still grow into a stop string
                     held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
                     if len(text) - held > emitted:
-                        yield text[emitted:len(text) - held]
+                        yield Chunk(text[emitted:len(text) - held])
                         emitted = len(text) - held
-                    if step + 1 < max_tokens:
+                    if step + 1 < sampling.max_tokens:
                         window = self._feed(window, token, adapters)
             except ContextFull:
-                timings.finish_reason = "context"
+                finish_reason = "context"
             finally:
                 sampler.close()
-                timings.decode_ms = (time.perf_counter() - t_decode) * 1000
+                usage.decode_ms = (time.perf_counter() - t_decode) * 1000
             if not stopped_by_string and len(text) > emitted:
-                yield text[emitted:]
+                yield Chunk(text[emitted:])
+            yield Chunk("", finish_reason, usage)
 
     def _feed(self, window: _Window, token: int, adapters: tuple[str, ...]) -> _Window:
         """Append a sampled token to the cache, moving to the long window when the short one is full."""

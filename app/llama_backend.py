@@ -1,7 +1,7 @@
 """A thin, typed layer over llama-cpp-python's low-level C API.
 
 The high-level `Llama` gives one fixed LoRA and no embeddings input
-(llama-cpp-python.md §1, §2.3), so the engine drives llama.cpp directly:
+(docs/llama-cpp.md, "LoRA adapters"), so the engine drives llama.cpp directly:
 one `LlamaModel` (weights, vocabulary, LoRA adapters) and one or more
 `LlamaContext`s (a KV cache each) on it.
 """
@@ -68,15 +68,15 @@ class LlamaModel:
             n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n]
 
-    def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
-        """Text -> token ids; special tokens written in the text (`<|end|>`) are parsed as such."""
+    def tokenize(self, text: str, add_bos: bool = False, special: bool = True) -> list[int]:
+        """Text -> token ids; with `special`, special tokens written in the text (`<|end|>`) are parsed as such."""
         raw = text.encode("utf-8")
         n_max = len(raw) + 8
         tokens = (L.llama_token * n_max)()
-        n = L.llama_tokenize(self.vocab, raw, len(raw), tokens, n_max, add_bos, True)
+        n = L.llama_tokenize(self.vocab, raw, len(raw), tokens, n_max, add_bos, special)
         if n < 0:
             tokens = (L.llama_token * -n)()
-            n = L.llama_tokenize(self.vocab, raw, len(raw), tokens, -n, add_bos, True)
+            n = L.llama_tokenize(self.vocab, raw, len(raw), tokens, -n, add_bos, special)
         return list(tokens[:n])
 
     def is_end_of_generation(self, token: int) -> bool:
@@ -187,9 +187,6 @@ class LlamaContext:
         """A copy of the last output row's logits, float32 (n_vocab,)."""
         ptr = L.llama_get_logits_ith(self.ptr, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
-
-    def set_threads(self, n_threads: int) -> None:
-        L.llama_set_n_threads(self.ptr, n_threads, n_threads)
 
     def close(self) -> None:
         if self.ptr:

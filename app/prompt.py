@@ -1,16 +1,16 @@
 """Messages -> the prompt the model reads: text pieces with media slots, and the LoRA to use.
 
-Messages have the OpenAI-like shape
-    {"role": "user", "content": "..." | [{"type": "text", "text": ...},
-                                         {"type": "image", "image": PIL.Image},
-                                         {"type": "audio", "audio": (samples, sample_rate)}]}
-and are rendered with the model's own chat template (Phi-4: `<|user|>...<|end|><|assistant|>`).
-A system message may carry `tools` (JSON text, or a list that is dumped) and an assistant
-message `tool_calls`; a last message from the assistant is continued, not closed.
+Messages have the shape of the engine contract (app/engine_api.py) and are rendered with the
+model's own chat template (Phi-4: `<|user|>...<|end|><|assistant|>`). A system message may carry
+`tools` (JSON text, or a list that is dumped) for the template's own place for them, and
+`tools_text`, what to append to its content where the template has no such place (both written
+by app.agents, the one owner of the tool-call format). A last message from the assistant is
+continued, not closed.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -18,21 +18,9 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-IMAGE, AUDIO = "image", "audio"
-
-# Mixture of LoRAs (phi4mm.md §5): the prompt's modalities pick one adapter for the whole pass.
-ADAPTER_BY_MODALITIES = {
-    frozenset(): None,
-    frozenset({IMAGE}): "vision",
-    frozenset({AUDIO}): "speech",
-    frozenset({IMAGE, AUDIO}): "vision",
-}
+from app.engine_api import AUDIO, IMAGE, PromptError, adapter_for
 
 _SLOT = "\x00slot{}\x00"
-
-# How tools reach a model whose chat template has no place for them (Phi-4's has one).
-TOOLS_IN_TEXT = ("\n\nYou can call these tools:\n{tools}\nTo call tools, answer with "
-                 '<|tool_call|>[{{"name": "<tool name>", "arguments": {{...}}}}]<|/tool_call|>')
 _SLOT_RE = re.compile("\x00slot(\\d+)\x00")
 
 
@@ -40,7 +28,7 @@ _SLOT_RE = re.compile("\x00slot(\\d+)\x00")
 class Media:
     """An image or audio item in the prompt, in order of appearance."""
     kind: str     # IMAGE or AUDIO
-    value: Any    # PIL.Image, or (samples, sample_rate)
+    value: Any    # image: PIL.Image or a file path; audio: (samples, sample_rate) or a file path
     options: dict  # per-item options from the content part (e.g. max_crops)
 
 
@@ -58,59 +46,39 @@ class Prompt:
 
     @property
     def adapter(self) -> str | None:
-        return ADAPTER_BY_MODALITIES[self.modalities]
-
-
-class PromptError(ValueError):
-    """Messages the engine cannot render; the message says which and why."""
+        return adapter_for(self.modalities)
 
 
 def _content_text(message: dict, index: int, media: list[Media]) -> str:
+    """A message's content as text, each image or audio part a slot (appended to `media`)."""
     content = message.get("content")
     if content is None:
-        content = ""
+        return ""
     if isinstance(content, str):
-        text = content
-    elif isinstance(content, list):
-        parts = []
-        for part in content:
-            if isinstance(part, str):
-                parts.append(part)
-                continue
-            if not isinstance(part, dict) or "type" not in part:
-                raise PromptError(f"message {index}: content parts must be dicts with a 'type', got {part!r:.80}")
-            kind = part["type"]
-            if kind == "text":
-                parts.append(str(part.get("text", "")))
-            elif kind in (IMAGE, AUDIO):
-                if part.get(kind) is None:
-                    raise PromptError(f"message {index}: {kind} part without an {kind!r} value")
-                if kind == AUDIO:
-                    value = part[AUDIO]
-                    if not (isinstance(value, tuple) and len(value) == 2):
-                        raise PromptError(f"message {index}: audio must be (samples, sample_rate)")
-                options = {k: v for k, v in part.items() if k not in ("type", kind)}
-                parts.append(_SLOT.format(len(media)))
-                media.append(Media(kind, part[kind], options))
-            else:
-                raise PromptError(f"message {index}: unknown content type {kind!r} (text, image, audio)")
-        text = "".join(parts)
-    else:
+        return content
+    if not isinstance(content, list):
         raise PromptError(f"message {index}: content must be a string or a list of parts")
-    if message.get("tool_calls"):
-        calls = [c.get("function", c) for c in message["tool_calls"]]
-        calls = [{"name": c["name"], "arguments": _arguments(c.get("arguments", {}))} for c in calls]
-        text += "<|tool_call|>" + json.dumps(calls, ensure_ascii=False) + "<|/tool_call|>"
-    return text
+    return "".join(_part_text(part, index, media) for part in content)
 
 
-def _arguments(args: Any) -> Any:
-    if isinstance(args, str):
-        try:
-            return json.loads(args)
-        except json.JSONDecodeError:
-            return args
-    return args
+def _part_text(part: Any, index: int, media: list[Media]) -> str:
+    if isinstance(part, str):
+        return part
+    if not isinstance(part, dict) or "type" not in part:
+        raise PromptError(f"message {index}: content parts must be dicts with a 'type', got {part!r:.80}")
+    kind = part["type"]
+    if kind == "text":
+        return str(part.get("text", ""))
+    if kind not in (IMAGE, AUDIO):
+        raise PromptError(f"message {index}: unknown content type {kind!r} (text, image, audio)")
+    value = part.get(kind)
+    if value is None:
+        raise PromptError(f"message {index}: {kind} part without an {kind!r} value")
+    if kind == AUDIO and not (isinstance(value, (str, os.PathLike)) or (isinstance(value, tuple) and len(value) == 2)):
+        raise PromptError(f"message {index}: audio must be (samples, sample_rate) or a file path")
+    options = {k: v for k, v in part.items() if k not in ("type", kind)}
+    media.append(Media(kind, value, options))
+    return _SLOT.format(len(media) - 1)
 
 
 class ChatTemplate:
@@ -145,7 +113,7 @@ class ChatTemplate:
                 if self.places_tools:
                     out["tools"] = tools
                 else:
-                    out["content"] += TOOLS_IN_TEXT.format(tools=tools)
+                    out["content"] += m.get("tools_text") or ""
             rendered.append(out)
         continue_last = rendered[-1]["role"] == "assistant"
         history = rendered[:-1] if continue_last else rendered

@@ -1,4 +1,4 @@
-"""Prefill, decode and multi-turn speed: our `Engine` against llama-cpp-python's plain `Llama`, same GGUF.
+"""Prefill, decode and multi-turn speed: our `LocalEngine` against llama-cpp-python's plain `Llama`, same GGUF.
 
     python -m bench.decode [MODEL_DIR] [--tiny] [--reps 5] [--threads N] [--prompt-tokens 512] ...
 
@@ -14,8 +14,8 @@ alike; the table gives medians and the median of the per-repetition ratios ours/
 - prefill: a fresh prompt of --prompt-tokens tokens, 1 token out. Rate = new tokens /
   time to first token (ours: template, tokenisation, prefill, first sample; theirs:
   tokenisation, `Llama.generate` up to its first token, after `Llama.reset()`).
-- decode: --decode-tokens greedy tokens after a short prompt (ours: `Engine.generate(
-  stream=True)`, which also detokenises; theirs: the `Llama.generate` token loop with an
+- decode: --decode-tokens greedy tokens after a short prompt (ours: `LocalEngine.generate`,
+  which also detokenises; theirs: the `Llama.generate` token loop with an
   end-of-generation check). "wall": (tokens - 1) / time from the first to the last token.
   "median step": from the median period of the llama_decode calls, which a step the OS
   preempted does not move (on a shared 2-core machine such steps dominate the wall time
@@ -46,7 +46,9 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import llama_cpp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from app.engine import Engine, _common_prefix  # noqa: E402
+from app.engine import LocalEngine, _common_prefix  # noqa: E402
+from app.engine_api import Sampling  # noqa: E402
+from model.format import is_converted  # noqa: E402
 from bench.make_checkpoint import CACHE, REAL, TINY, default_folder, make_checkpoint, tag  # noqa: E402
 
 SENTENCES = [
@@ -74,7 +76,7 @@ def ensure_model(folder: Path | None, tiny: bool, layers: int | None, outtype: s
         shapes = replace(shapes, layers=layers)
     outtype = outtype or ("f16" if tiny else "q4_k_m")
     folder = CACHE / f"gguf-{tag(shapes)}-{outtype}"
-    if (folder / "manifest.json").exists():
+    if is_converted(folder):
         return folder
     checkpoint = default_folder(shapes)
     if not (checkpoint / "config.json").exists():
@@ -88,7 +90,7 @@ def ensure_model(folder: Path | None, tiny: bool, layers: int | None, outtype: s
 
 # -- prompts -----------------------------------------------------------------------------------------
 
-def filler(engine: Engine, n_tokens: int, seed: int) -> str:
+def filler(engine: LocalEngine, n_tokens: int, seed: int) -> str:
     """English-like text of about `n_tokens` tokens (sentences shuffled by `seed`)."""
     rng = np.random.default_rng(seed)
     words: list[str] = []
@@ -99,14 +101,14 @@ def filler(engine: Engine, n_tokens: int, seed: int) -> str:
     return " ".join(words)
 
 
-def rendered(engine: Engine, messages: list[dict]) -> str:
+def rendered(engine: LocalEngine, messages: list[dict]) -> str:
     """The prompt text our engine builds (text-only prompts are one piece)."""
     pieces = engine.template.build(messages).pieces
     assert len(pieces) == 1 and isinstance(pieces[0], str), "text-only prompt expected"
     return pieces[0]
 
 
-def chat_history(engine: Engine, n_tokens: int) -> list[dict]:
+def chat_history(engine: LocalEngine, n_tokens: int) -> list[dict]:
     """A system prompt and user/assistant turns of ~120 tokens each, ~n_tokens in all."""
     messages = [{"role": "system", "content": "You are a helpful assistant running locally."}]
     turn = 0
@@ -132,6 +134,7 @@ class Run:
     step_ms: float = 0.0      # median period of the single-token llama_decode calls
     inside_ms: float = 0.0    # median time inside one of them
     between_us: float = 0.0   # median time between two of them
+    finish_reason: str = ""
 
     @property
     def step_rate(self) -> float:
@@ -146,14 +149,13 @@ class Run:
         return self.intervals / self.decode_s if self.decode_s > 0 else float("nan")
 
 
-def ours(engine: Engine, messages: list[dict], max_tokens: int) -> Run:
-    for _ in engine.generate(messages, max_tokens=max_tokens, temperature=0.0, stream=True):
-        pass
-    t = engine.last
-    samples = t.decode_tokens + (t.finish_reason == "stop")  # an end token is sampled, not counted
-    return Run(new_tokens=t.prompt_tokens - t.reused_tokens, reused_tokens=t.reused_tokens,
+def ours(engine: LocalEngine, messages: list[dict], max_tokens: int) -> Run:
+    done = engine.generate(messages, Sampling(max_tokens=max_tokens))
+    t = done.usage
+    samples = t.completion_tokens + (done.finish_reason == "stop")  # an end token is sampled, not counted
+    return Run(new_tokens=t.prompt_tokens - t.cached_tokens, reused_tokens=t.cached_tokens,
                ttft_s=t.ttft_ms / 1000, intervals=max(samples - 1, 0), decode_s=t.decode_ms / 1000,
-               tokens=tuple(engine.last_token_ids))
+               tokens=tuple(done.token_ids), finish_reason=done.finish_reason)
 
 
 class Theirs:
@@ -292,13 +294,13 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
 
 
-def find_decode_prompt(engine: Engine, n_tokens: int, tries: int = 50) -> list[dict]:
+def find_decode_prompt(engine: LocalEngine, n_tokens: int, tries: int = 50) -> list[dict]:
     """A short prompt whose greedy continuation does not end before n_tokens (random weights end at random)."""
     best, best_n = None, -1
     for k in range(tries):
         messages = [{"role": "user", "content": f"Story {k}: tell me about a small robot in the garden."}]
         run = ours(engine, messages, n_tokens)
-        if engine.last.finish_reason == "length":
+        if run.finish_reason == "length":
             return messages
         if run.intervals > best_n:
             best, best_n = messages, run.intervals
@@ -307,11 +309,11 @@ def find_decode_prompt(engine: Engine, n_tokens: int, tries: int = 50) -> list[d
     return best
 
 
-def print_setup(engine: Engine, theirs: Theirs, threads: int, reps: int) -> None:
+def print_setup(engine: LocalEngine, theirs: Theirs, threads: int, reps: int) -> None:
     """What runs where, read back from both llama.cpp contexts."""
     ours_ctx, theirs_ctx = engine._short.ctx.ptr, theirs.llm.ctx
     flash = theirs.llm.context_params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-    print(f"model      {engine.model.path} ({engine.manifest.get('outtype', '?')}, "
+    print(f"model      {engine.model.path} ({engine.manifest.outtype if engine.manifest else '?'}, "
           f"{engine.model.meta('phi3.block_count')} layers, vocab {engine.model.n_vocab})")
     print(f"machine    {cpu_name()}, {os.cpu_count()} cores; threads {threads}; "
           f"llama-cpp-python {llama_cpp.__version__}")
@@ -323,7 +325,7 @@ def print_setup(engine: Engine, theirs: Theirs, threads: int, reps: int) -> None
     print(f"runs       {reps} interleaved repetitions after a warm-up; medians", flush=True)
 
 
-def prefill_phase(engine: Engine, theirs: Theirs, reps: int, n_tokens: int) -> list[Row]:
+def prefill_phase(engine: LocalEngine, theirs: Theirs, reps: int, n_tokens: int) -> list[Row]:
     body = filler(engine, n_tokens, 1)
 
     def prompt(r: int) -> list[dict]:  # a new first word each time: nothing to reuse but `<|user|>`
@@ -338,7 +340,7 @@ def prefill_phase(engine: Engine, theirs: Theirs, reps: int, n_tokens: int) -> l
     return [row] + split_rows(a, b)
 
 
-def decode_phase(engine: Engine, theirs: Theirs, reps: int, n_tokens: int) -> list[Row]:
+def decode_phase(engine: LocalEngine, theirs: Theirs, reps: int, n_tokens: int) -> list[Row]:
     messages = find_decode_prompt(engine, n_tokens)
     text = rendered(engine, messages)
     theirs.run(text, n_tokens, cold=True)  # warm-up
@@ -356,16 +358,16 @@ def decode_phase(engine: Engine, theirs: Theirs, reps: int, n_tokens: int) -> li
             compare("  between decodes, µs/token", a, b, lambda r: r.between_us, "{:.1f}", diff=True)]
 
 
-def turn_phase(engine: Engine, theirs: Theirs, reps: int, history_tokens: int) -> list[Row]:
+def turn_phase(engine: LocalEngine, theirs: Theirs, reps: int, history_tokens: int) -> list[Row]:
     history = chat_history(engine, history_tokens)
     first = history + [{"role": "user", "content": "Please summarise our conversation in one sentence."}]
-    answer = engine.generate(first, max_tokens=16, temperature=0.0)
+    answer = engine.generate(first, Sampling(max_tokens=16)).text
     second = first + [{"role": "assistant", "content": answer},
                       {"role": "user", "content": "Thanks. Now list three follow-up questions."}]
     text = rendered(engine, second)
 
     def warm(r: int) -> Run:
-        engine.generate(first, max_tokens=16, temperature=0.0)  # back to the end of turn one (untimed)
+        engine.generate(first, Sampling(max_tokens=16))  # back to the end of turn one (untimed)
         return clocked(lambda: ours(engine, second, 1))
 
     warm(-1), theirs.run(text, 1, cold=True)  # warm-up
@@ -396,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     n_decode = args.decode_tokens or (256 if args.tiny else 64)
 
     folder = ensure_model(args.model, args.tiny, args.layers, args.outtype)
-    engine = Engine.load(folder, n_ctx=args.n_ctx, n_threads=args.threads, n_batch=args.n_batch)
+    engine = LocalEngine.load(folder, n_ctx=args.n_ctx, n_threads=args.threads, n_batch=args.n_batch)
     n_ctx = engine._short.ctx.n_ctx  # the window a prompt under original_context uses
     theirs = Theirs(engine.model.path, n_ctx, args.n_batch, args.threads)
     print_setup(engine, theirs, args.threads, reps)
@@ -410,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += turn_phase(engine, theirs, reps, args.history_tokens)
 
     print()
-    head = ("", "ours (Engine)", "llama-cpp Llama", "ours/theirs")
+    head = ("", "ours (LocalEngine)", "llama-cpp Llama", "ours/theirs")
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
     for row in [head] + rows:
         print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))

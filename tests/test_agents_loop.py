@@ -15,35 +15,8 @@ from app.agents import (
     ToolResultEvent,
     ToolStep,
 )
-
-
-class ScriptedEngine:
-    """Plays back one scripted reply per `generate` call and records every call.
-
-    Like the real engine it honours `stop` strings and streams in small pieces (3
-    characters, so markers arrive split); unlike it, it ignores `grammar`.
-    """
-
-    def __init__(self, *replies: str, piece: int = 3):
-        self.replies = list(replies)
-        self.piece = piece
-        self.calls: list[dict] = []
-        self.pieces_read = 0  # how many streamed pieces the agent consumed
-
-    def generate(self, messages, max_tokens=256, temperature=0.0, top_p=1.0, stop=None, stream=False, grammar=None):
-        self.calls.append(
-            {"messages": copy.deepcopy(messages), "stop": stop, "stream": stream, "grammar": grammar, "max_tokens": max_tokens}
-        )
-        assert self.replies, "the agent asked for more replies than scripted"
-        reply = self.replies.pop(0)
-        for s in stop or []:
-            reply = reply.split(s)[0]
-        return self._stream(reply) if stream else reply
-
-    def _stream(self, reply):
-        for i in range(0, len(reply), self.piece):
-            self.pieces_read += 1
-            yield reply[i : i + self.piece]
+from app.engine_api import Sampling
+from tests.fakes import ScriptedEngine
 
 
 def add(a: int, b: int) -> int:
@@ -81,7 +54,7 @@ def test_final_answer_without_tools():
     assert result.answer == "Hello! How can I help?"
     assert result.steps == [] and result.stop_reason == "answer"
     assert roles(result.messages) == ["system", "user", "assistant"]
-    sent = engine.calls[0]
+    sent = engine.requests[0]
     assert sent["stream"] is True and sent["grammar"] is None and "<|/tool_call|>" in sent["stop"]
     assert sent["messages"][1] == {"role": "user", "content": "Hi"}
 
@@ -89,10 +62,12 @@ def test_final_answer_without_tools():
 def test_system_message_declares_tools_in_phi_format():
     engine = ScriptedEngine("ok")
     Agent(engine, tools=[add, weather]).run("Hi")
-    system = engine.calls[0]["messages"][0]
-    assert set(system) == {"role", "content", "tools"}
+    system = engine.requests[0]["messages"][0]
+    assert set(system) == {"role", "content", "tools", "tools_text"}
     assert system["role"] == "system" and system["content"] == DEFAULT_SYSTEM
     assert isinstance(system["tools"], str)
+    # for a chat template with no place for tools: the same list, and how to call them
+    assert system["tools"] in system["tools_text"] and "<|tool_call|>[" in system["tools_text"]
     declared = json.loads(system["tools"])
     assert [t["name"] for t in declared] == ["add", "weather"]
     assert declared[0] == {
@@ -109,17 +84,17 @@ def test_system_message_declares_tools_in_phi_format():
     }
     engine = ScriptedEngine("ok")
     Agent(engine, tools=[add], system="Be brief.").run("Hi")
-    assert engine.calls[0]["messages"][0]["content"] == "Be brief."
+    assert engine.requests[0]["messages"][0]["content"] == "Be brief."
 
 
 def test_no_tools_is_plain_chat():
     engine = ScriptedEngine("Hello <|tool_call|> is just text here")
     result = Agent(engine).run("Hi")
     assert result.answer == "Hello <|tool_call|> is just text here"
-    assert engine.calls[0]["messages"] == [{"role": "user", "content": "Hi"}]
+    assert engine.requests[0]["messages"] == [{"role": "user", "content": "Hi"}]
     engine = ScriptedEngine("ok")
     Agent(engine, system="Be brief.").run("Hi")
-    assert engine.calls[0]["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert engine.requests[0]["messages"][0] == {"role": "system", "content": "Be brief."}
 
 
 def test_single_call_is_regenerated_under_the_grammar():
@@ -135,11 +110,11 @@ def test_single_call_is_regenerated_under_the_grammar():
     assert [(s.name, s.arguments, s.result, s.error) for s in result.steps] == [("add", {"a": 2, "b": 3}, 5, None)]
     # The free generation was abandoned as soon as the call began.
     assert engine.pieces_read < len('Let me add. <|tool_call|>[{"name": "add", "arguments": {"a": "two", "b"') / 3
-    constrained = engine.calls[1]
+    constrained = engine.requests[1]
     assert constrained["grammar"] == agent.grammar and "root ::=" in constrained["grammar"]
     assert constrained["stream"] is False
     assert constrained["messages"][-1] == {"role": "assistant", "content": "Let me add. <|tool_call|>"}
-    assert constrained["messages"][:-1] == engine.calls[0]["messages"]
+    assert constrained["messages"][:-1] == engine.requests[0]["messages"]
     assert result.messages[2:] == [
         {
             "role": "assistant",
@@ -148,7 +123,7 @@ def test_single_call_is_regenerated_under_the_grammar():
         {"role": "tool", "content": "5"},
         {"role": "assistant", "content": "2 + 3 = 5."},
     ]
-    assert engine.calls[2]["messages"] == result.messages[:-1]
+    assert engine.requests[2]["messages"] == result.messages[:-1]
 
 
 def test_engine_that_repeats_the_whole_call_still_works():
@@ -171,7 +146,7 @@ def test_several_calls_in_one_turn_unconstrained():
     assert roles(result.messages) == ["system", "user", "assistant", "tool", "tool", "assistant"]
     assert json.loads(result.messages[3]["content"]) == {"city": "Oslo", "sky": "sunny", "celsius": 21}
     assert result.messages[4]["content"] == "3"
-    assert len(engine.calls) == 2 and all(c["grammar"] is None for c in engine.calls)
+    assert len(engine.requests) == 2 and all(c["grammar"] is None for c in engine.requests)
 
 
 def test_lenient_call_without_grammar():
@@ -256,8 +231,8 @@ def test_step_limit_stops_a_model_that_keeps_calling():
     # constrained ones); past the limit calls are not constrained and not run.
     assert [(s.arguments, s.result) for s in result.steps] == [({"a": 1, "b": 1}, 2), ({"a": 3, "b": 3}, 6)]
     assert result.stop_reason == "max_steps" and result.answer == ""
-    assert len(engine.calls) == 6 and engine.replies == []
-    assert [c["grammar"] is not None for c in engine.calls] == [False, True, False, True, False, False]
+    assert len(engine.requests) == 6 and engine.replies == []
+    assert [c["grammar"] is not None for c in engine.requests] == [False, True, False, True, False, False]
     assert roles(result.messages)[-4:] == ["assistant", "tool", "assistant", "tool"]
     assert all("not run" in m["content"] for m in result.messages[-3::2])
 
@@ -266,7 +241,7 @@ def test_bare_json_call_without_markup():
     engine = ScriptedEngine('{"name": "add", "arguments": {"a": 5, "b": 6}}', "11")
     result = Agent(engine, tools=[add]).run("5+6")
     assert [s.result for s in result.steps] == [11]
-    assert len(engine.calls) == 2  # a bare call is parsed as written, not regenerated
+    assert len(engine.requests) == 2  # a bare call is parsed as written, not regenerated
 
 
 def test_streaming_events():
@@ -311,7 +286,7 @@ def test_conversation_continues_across_runs_and_reset():
         "system", "user", "assistant", "user", "assistant", "tool", "assistant", "user", "assistant"
     ]
     assert result.steps == []  # steps are per question
-    assert engine.calls[-1]["messages"][3] == {"role": "user", "content": "1+2?"}
+    assert engine.requests[-1]["messages"][3] == {"role": "user", "content": "1+2?"}
     agent.reset()
     assert roles(agent.messages) == ["system"]
 
@@ -324,22 +299,14 @@ def test_interrupted_turn_leaves_no_trace():
         break
     assert agent.messages == before
 
-    class FailingEngine:
-        def generate(self, messages, **kwargs):
-            raise RuntimeError("out of memory")
-
-    agent = Agent(FailingEngine(), tools=[add])
+    agent = Agent(ScriptedEngine(RuntimeError("out of memory")), tools=[add])
     with pytest.raises(RuntimeError):
         agent.run("Hi")
     assert roles(agent.messages) == ["system"]
 
 
-def test_engine_returning_a_string_when_streaming_is_accepted():
-    class StringEngine:
-        def generate(self, messages, **kwargs):
-            return "Plain."
-
-    assert Agent(StringEngine(), tools=[add]).run("Hi").answer == "Plain."
+def test_engine_streaming_its_whole_answer_in_one_chunk_is_accepted():
+    assert Agent(ScriptedEngine(["Plain."]), tools=[add]).run("Hi").answer == "Plain."
 
 
 def test_large_results_are_cut_for_the_model_but_kept_for_the_caller():
@@ -389,7 +356,7 @@ def test_a_message_dict_is_passed_to_the_engine_untouched():
     message = {"role": "user", "content": "<|image_1|>What is this?", "images": ["cat.png"]}
     engine = ScriptedEngine("A cat.")
     result = Agent(engine, tools=[add]).run(message)
-    assert engine.calls[0]["messages"][1] == message
+    assert engine.requests[0]["messages"][1] == message
     assert result.answer == "A cat."
 
 
@@ -398,7 +365,7 @@ def test_tool_choice_required_starts_with_a_constrained_call():
     engine = ScriptedEngine('[{"name": "add", "arguments": {"a": 2, "b": 3}}]', "It is 5.")
     result = Agent(engine, tools=[add], tool_choice="required").run("Add 2 and 3")
     assert [s.result for s in result.steps] == [5] and result.answer == "It is 5."
-    first = engine.calls[0]
+    first = engine.requests[0]
     assert first["grammar"] and first["messages"][-1] == {"role": "assistant", "content": "<|tool_call|>"}
     with pytest.raises(ValueError, match="tool_choice"):
         Agent(engine, tools=[add], tool_choice="always")
@@ -408,4 +375,47 @@ def test_a_constrained_call_cut_off_by_the_token_budget_is_reported_not_guessed(
     engine = ScriptedEngine("<|tool_call|>", '[{"name": "add", "arguments": {"a": ', "Sorry.")
     result = Agent(engine, tools=[add]).run("Add")
     assert result.steps[0].error and "could not read the tool call" in result.steps[0].error
-    assert engine.calls[1]["max_tokens"] >= 512  # the call has its own budget
+    assert engine.requests[1]["max_tokens"] >= 512  # the call has its own budget
+
+
+def test_sampling_reaches_the_engine_and_usage_comes_back_with_the_answer():
+    engine = ScriptedEngine(call("add", a=1, b=2), "3")
+    agent = Agent(engine, tools=[add], constrain=False, sampling=Sampling(max_tokens=77, temperature=0.5, top_k=9, seed=3))
+    result = agent.run("1+2?")
+    assert [(r["max_tokens"], r["temperature"], r["top_k"], r["seed"]) for r in engine.requests] == [(77, 0.5, 9, 3)] * 2
+    # two requests in one answer: generated tokens and time add up, the first request's TTFT counts
+    assert result.usage.completion_tokens == 20 and result.usage.decode_ms == 1000.0
+    assert result.usage.ttft_ms == 650.0 and result.usage.prompt_tokens == 100
+
+
+def test_cancel_ends_the_answer_at_the_next_piece_and_keeps_what_was_said():
+    engine = ScriptedEngine("one two three four five six seven eight nine ten")
+    agent = Agent(engine)
+    cancel = threading.Event()
+    events = []
+    for event in agent.stream("Count.", cancel):
+        events.append(event)
+        if len(events) == 2:
+            cancel.set()  # what a Stop button does, from any thread
+    final = events[-1]
+    assert isinstance(final, FinalAnswer) and final.result.stop_reason == "stopped"
+    assert len(events) == 3 and final.text == "".join(e.text for e in events[:2]).strip()
+    assert engine.stopped_early == [True]  # the engine's stream was closed at once
+    assert agent.messages[-2:] == [{"role": "user", "content": "Count."}, {"role": "assistant", "content": final.text}]
+
+
+def test_cancel_during_a_tool_keeps_the_call_and_runs_no_more():
+    cancel = threading.Event()
+
+    def first(x: int) -> int:
+        """First."""
+        cancel.set()
+        return x
+
+    engine = ScriptedEngine('<|tool_call|>[{"name": "first", "arguments": {"x": 1}}, '
+                            '{"name": "first", "arguments": {"x": 2}}]<|/tool_call|>', "never")
+    agent = Agent(engine, tools=[first], constrain=False)
+    final = list(agent.stream("Go", cancel))[-1]
+    assert final.result.stop_reason == "stopped" and [s.arguments for s in final.result.steps] == [{"x": 1}]
+    assert roles(agent.messages) == ["system", "user", "assistant", "tool", "tool", "assistant"]
+    assert "stopped" in agent.messages[4]["content"] and len(engine.requests) == 1

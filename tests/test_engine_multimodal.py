@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from app.engine import Engine
+from app.engine import LocalEngine
 from convert.pipeline import convert_checkpoint
 from tests.reference import reference_logits, rel_err
 from tests.tiny_checkpoint import TinyShapes, build_reference, save_native, save_remote_code
+
+pytestmark = pytest.mark.slow  # transformers + peft reference and converted checkpoints
 
 SR = 16_000
 QUESTION = "Transcribe the audio clip into text."
@@ -26,7 +28,7 @@ def engine(request, ref, tmp_path_factory):
     (save_native if request.param == "transformers" else save_remote_code)(ref, src)
     out = tmp_path_factory.mktemp(f"mm-gguf-{request.param}")
     convert_checkpoint(src, out, "f32", quiet=True)
-    eng = Engine.load(out, n_ctx=4096, kv_type="f32")
+    eng = LocalEngine.load(out, n_ctx=4096, kv_type="f32")
     yield eng
     eng.close()
 
@@ -55,10 +57,10 @@ def test_audio_prompt_matches_reference(ref, engine):
     samples = speech_like(2.3)
     messages = [{"role": "user", "content": [{"type": "audio", "audio": (samples, SR)},
                                              {"type": "text", "text": QUESTION}]}]
-    ours = engine.next_token_logits(messages)
-    assert engine.last.adapter == "speech"
+    ours, usage = engine.next_token_logits(messages)
+    assert usage.adapter == "speech"
     ids, inputs = audio_reference_inputs(ref, samples, QUESTION)
-    assert engine.last.prompt_tokens == len(ids)
+    assert usage.prompt_tokens == len(ids)
     theirs = reference_logits(ref, ids, "speech", **inputs)
     assert rel_err(ours, theirs) <= 1e-3 and ours.argmax() == theirs.argmax()
 
@@ -68,23 +70,22 @@ def test_audio_at_other_rates_and_channels_is_resampled(engine):
     stereo_48k = np.repeat(stereo_48k, 3, axis=0)  # 48 kHz, 2 channels
     messages = [{"role": "user", "content": [{"type": "audio", "audio": (stereo_48k, 48_000)},
                                              {"type": "text", "text": QUESTION}]}]
-    engine.next_token_logits(messages)
-    text_only = engine.last.prompt_tokens
-    assert engine.speech.num_tokens(16_000) == 13  # 1 s of audio is 13 tokens (phi4mm.md §4.4)
-    engine.next_token_logits([{"role": "user", "content": QUESTION}])
-    assert text_only - engine.last.prompt_tokens == 13
+    _, usage = engine.next_token_logits(messages)
+    text_only = usage.prompt_tokens
+    assert engine.speech.num_tokens(16_000) == 13  # 1 s of audio is 13 tokens (docs/model.md, "Speech encoder")
+    _, usage = engine.next_token_logits([{"role": "user", "content": QUESTION}])
+    assert text_only - usage.prompt_tokens == 13
 
 
 def test_audio_embeddings_are_reused_across_turns(engine):
     samples = speech_like(1.5, 3)
     turn = [{"role": "user", "content": [{"type": "audio", "audio": (samples, SR)},
                                          {"type": "text", "text": QUESTION}]}]
-    engine.next_token_logits(turn)
-    first = engine.last
+    _, first = engine.next_token_logits(turn)
     follow = turn + [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Thank you!"}]
-    engine.next_token_logits(follow)
-    assert engine.last.encoder_ms < first.encoder_ms or engine.last.encoder_ms < 1.0
-    assert engine.last.reused_tokens >= first.prompt_tokens
+    _, usage = engine.next_token_logits(follow)
+    assert usage.encoder_ms < first.encoder_ms or usage.encoder_ms < 1.0
+    assert usage.cached_tokens >= first.prompt_tokens
 
 
 def picture(width: int, height: int, seed: int = 0):
@@ -109,11 +110,11 @@ def test_image_prompt_matches_reference(ref, engine):
     image = picture(640, 480)
     messages = [{"role": "user", "content": [{"type": "image", "image": image, "max_crops": 4},
                                              {"type": "text", "text": "Describe the image."}]}]
-    ours = engine.next_token_logits(messages)
-    assert engine.last.adapter == "vision"
+    ours, usage = engine.next_token_logits(messages)
+    assert usage.adapter == "vision"
     counts, inputs = image_reference_inputs([image], 4)
     ids = ref.tokenizer("<|user|>" + "<|endoftext10|>" * counts[0] + "Describe the image.<|end|><|assistant|>")["input_ids"]
-    assert engine.last.prompt_tokens == len(ids)
+    assert usage.prompt_tokens == len(ids)
     theirs = reference_logits(ref, ids, "vision", **inputs)
     assert rel_err(ours, theirs) <= 1e-3 and ours.argmax() == theirs.argmax()
 
@@ -126,8 +127,8 @@ def test_two_images_and_audio_in_one_message(ref, engine):
                                              {"type": "image", "image": images[1], "max_crops": 2},
                                              {"type": "audio", "audio": (samples, SR)},
                                              {"type": "text", "text": text}]}]
-    ours = engine.next_token_logits(messages)
-    assert engine.last.adapter == "vision"  # image + audio: the vision LoRA, vision-speech projector
+    ours, usage = engine.next_token_logits(messages)
+    assert usage.adapter == "vision"  # image + audio: the vision LoRA, vision-speech projector
     counts, image_inputs = image_reference_inputs(images, 2)
     audio_ids, audio_inputs = audio_reference_inputs(ref, samples, "")
     n_audio = audio_ids.count(ref.tokenizer.convert_tokens_to_ids("<|endoftext11|>"))
@@ -142,12 +143,12 @@ def test_image_in_an_earlier_turn_keeps_the_vision_lora_and_the_cache(ref, engin
     image = picture(448, 448, 5)
     first = [{"role": "user", "content": [{"type": "image", "image": image, "max_crops": 1},
                                           {"type": "text", "text": "Describe the image."}]}]
-    engine.next_token_logits(first)
-    n_first = engine.last.prompt_tokens
+    _, usage = engine.next_token_logits(first)
+    n_first = usage.prompt_tokens
     follow = first + [{"role": "assistant", "content": "A pattern of colours."},
                       {"role": "user", "content": "What colours?"}]
-    ours = engine.next_token_logits(follow)
-    assert engine.last.adapter == "vision" and engine.last.reused_tokens >= n_first
+    ours, usage = engine.next_token_logits(follow)
+    assert usage.adapter == "vision" and usage.cached_tokens >= n_first
     counts, inputs = image_reference_inputs([image], 1)
     prompt = ("<|user|>" + "<|endoftext10|>" * counts[0] + "Describe the image.<|end|><|assistant|>"
               "A pattern of colours.<|end|><|user|>What colours?<|end|><|assistant|>")
@@ -155,10 +156,22 @@ def test_image_in_an_earlier_turn_keeps_the_vision_lora_and_the_cache(ref, engin
     assert rel_err(ours, theirs) <= 1e-3
 
 
+def test_count_tokens_is_what_the_prompt_costs(engine, tmp_path):
+    """The page shows these counts before asking: they must be the prefill's own numbers."""
+    image_file = tmp_path / "picture.png"
+    picture(640, 480).save(image_file)
+    for part in ({"type": "image", "image": picture(640, 480), "max_crops": 4},
+                 {"type": "image", "image": str(image_file), "max_crops": 1},
+                 {"type": "audio", "audio": (speech_like(2.3), SR)}):
+        _, with_media = engine.next_token_logits([{"role": "user", "content": [part, {"type": "text", "text": "Hi"}]}])
+        _, text_only = engine.next_token_logits([{"role": "user", "content": "Hi"}])
+        assert engine.count_tokens(part) == with_media.prompt_tokens - text_only.prompt_tokens > 0
+
+
 def test_missing_encoder_and_bad_media_give_clear_errors(engine):
     from app.prompt import PromptError
 
     with pytest.raises(PromptError, match="audio must be"):
-        engine.next_token_logits([{"role": "user", "content": [{"type": "audio", "audio": b"raw"}]}])
+        _, usage = engine.next_token_logits([{"role": "user", "content": [{"type": "audio", "audio": b"raw"}]}])
     with pytest.raises(PromptError, match="unknown content type"):
-        engine.next_token_logits([{"role": "user", "content": [{"type": "video", "video": 1}]}])
+        _, usage = engine.next_token_logits([{"role": "user", "content": [{"type": "video", "video": 1}]}])

@@ -4,10 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.engine import Engine
+from app.engine import LocalEngine
+from app.engine_api import Sampling
 from convert.pipeline import convert_checkpoint
 from tests.reference import chat_ids, reference_greedy, reference_logits, rel_err
 from tests.tiny_checkpoint import build_reference, save_native, save_remote_code
+
+pytestmark = pytest.mark.slow  # transformers + peft reference and converted checkpoints
 
 ADAPTERS = [None, "vision", "speech"]
 PROMPTS = [
@@ -37,7 +40,7 @@ def converted(request, ref, tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(converted):
     # f32 KV cache: the proof is about the conversion, not about f16 cache rounding.
-    eng = Engine.load(converted, n_ctx=1024, kv_type="f32")
+    eng = LocalEngine.load(converted, n_ctx=1024, kv_type="f32")
     yield eng
     eng.close()
 
@@ -46,7 +49,7 @@ def engine(converted):
 @pytest.mark.parametrize("prompt", range(len(PROMPTS)))
 def test_next_token_logits_match_reference(ref, engine, adapter, prompt):
     messages = PROMPTS[prompt]
-    ours = engine.next_token_logits(messages, adapter=adapter)
+    ours, usage = engine.next_token_logits(messages, adapter=adapter)
     theirs = reference_logits(ref, chat_ids(ref, messages), adapter)
     assert theirs.std() > 1.0, "reference logits too flat to prove anything"
     assert rel_err(ours, theirs) <= 1e-3
@@ -57,13 +60,12 @@ def test_next_token_logits_match_reference(ref, engine, adapter, prompt):
 def test_greedy_continuation_matches_reference(ref, engine, adapter):
     messages = PROMPTS[1]
     theirs = reference_greedy(ref, chat_ids(ref, messages), adapter, 16)
-    engine.generate(messages, max_tokens=16, adapter=adapter)
-    assert engine.last_token_ids == theirs
+    assert engine.generate(messages, Sampling(max_tokens=16), adapter=adapter).token_ids == theirs
 
 
 def test_text_prompts_use_no_adapter_by_default(ref, engine):
-    ours = engine.next_token_logits(PROMPTS[0])
-    assert engine.last.adapter is None
+    ours, usage = engine.next_token_logits(PROMPTS[0])
+    assert usage.adapter is None
     assert rel_err(ours, reference_logits(ref, chat_ids(ref, PROMPTS[0]), None)) <= 1e-3
 
 
@@ -81,7 +83,7 @@ def test_long_prompt_uses_long_rope_factors(ref, engine):
     messages = _long_messages(ref, original + 40)
     ids = chat_ids(ref, messages)
     assert len(ids) > original
-    ours = engine.next_token_logits(messages, adapter="vision")
+    ours, usage = engine.next_token_logits(messages, adapter="vision")
     theirs = reference_logits(ref, ids, "vision")
     assert rel_err(ours, theirs) <= 1e-3 and ours.argmax() == theirs.argmax()
 
@@ -92,45 +94,43 @@ def test_generation_crossing_the_original_context_switches_factors(ref, engine):
     ids = chat_ids(ref, messages)
     assert original - 12 < len(ids) <= original
     theirs = reference_greedy(ref, ids, None, 16)
-    engine.generate(messages, max_tokens=16, adapter=None)
-    assert engine.last_token_ids == theirs
+    assert engine.generate(messages, Sampling(max_tokens=16), adapter=None).token_ids == theirs
     assert len(ids) + len(theirs) > original  # the continuation really crossed over
 
 
 def test_second_turn_prefills_only_new_tokens(ref, engine):
     first = PROMPTS[1][:2]
-    engine.generate(first, max_tokens=8)
-    n_first = engine.last.prompt_tokens
+    n_first = engine.generate(first, Sampling(max_tokens=8)).usage.prompt_tokens
     # The random model's answer is not valid text; a real answer is re-rendered as text.
     second = first + [{"role": "assistant", "content": "Paris is the capital of France."},
                       {"role": "user", "content": "And Madrid?"}]
-    engine.next_token_logits(second)
-    assert engine.last.reused_tokens >= n_first
-    n_second = engine.last.prompt_tokens
+    _, usage = engine.next_token_logits(second)
+    assert usage.cached_tokens >= n_first
+    n_second = usage.prompt_tokens
     third = second + [{"role": "assistant", "content": "Madrid is sunny and warm."},
                       {"role": "user", "content": "Thank you!"}]
-    ours = engine.next_token_logits(third)
-    assert engine.last.reused_tokens == n_second  # the whole previous prompt stays cached
-    assert engine.last.prompt_tokens - engine.last.reused_tokens < 25
+    ours, usage = engine.next_token_logits(third)
+    assert usage.cached_tokens == n_second  # the whole previous prompt stays cached
+    assert usage.prompt_tokens - usage.cached_tokens < 25
     assert rel_err(ours, reference_logits(ref, chat_ids(ref, third), None)) <= 1e-3
 
 
 def test_adapter_change_recomputes_the_cache(ref, engine):
     messages = PROMPTS[1]
-    engine.next_token_logits(messages, adapter=None)
-    ours = engine.next_token_logits(messages, adapter="speech")
-    assert engine.last.reused_tokens == 0  # nothing computed under another adapter is reused
+    _, usage = engine.next_token_logits(messages, adapter=None)
+    ours, usage = engine.next_token_logits(messages, adapter="speech")
+    assert usage.cached_tokens == 0  # nothing computed under another adapter is reused
     assert rel_err(ours, reference_logits(ref, chat_ids(ref, messages), "speech")) <= 1e-3
-    again = engine.next_token_logits(messages, adapter=None)
+    again, usage = engine.next_token_logits(messages, adapter=None)
     assert rel_err(again, reference_logits(ref, chat_ids(ref, messages), None)) <= 1e-3
 
 
 def test_prefill_is_chunked_to_the_batch_size(ref, converted):
     # A batch above n_batch aborts llama.cpp; a long prompt with a tiny batch must just work.
-    eng = Engine.load(converted, n_ctx=1024, n_batch=8, kv_type="f32")
+    eng = LocalEngine.load(converted, n_ctx=1024, n_batch=8, kv_type="f32")
     try:
         messages = _long_messages(ref, 100)
-        ours = eng.next_token_logits(messages)
+        ours, usage = eng.next_token_logits(messages)
         assert rel_err(ours, reference_logits(ref, chat_ids(ref, messages), None)) <= 1e-3
     finally:
         eng.close()
@@ -138,21 +138,25 @@ def test_prefill_is_chunked_to_the_batch_size(ref, converted):
 
 def test_streaming_equals_plain_generation_and_stop_strings_cut(engine):
     messages = PROMPTS[0]
-    full = engine.generate(messages, max_tokens=12)
-    streamed = "".join(engine.generate(messages, max_tokens=12, stream=True))
-    assert streamed == full
+    completion = engine.generate(messages, Sampling(max_tokens=12))
+    full = completion.text
+    chunks = list(engine.stream(messages, Sampling(max_tokens=12)))
+    assert "".join(c.text for c in chunks) == full
+    # the usage travels with the last chunk
+    assert chunks[-1].usage.completion_tokens == len(completion.token_ids) == completion.usage.completion_tokens
+    assert chunks[-1].finish_reason == completion.finish_reason
     if len(full) > 3:
         cut = full[2:4]
-        stopped = engine.generate(messages, max_tokens=12, stop=[cut])
-        assert stopped == full[: full.index(cut)]
-        assert engine.last.finish_reason == "stop"
+        stopped = engine.generate(messages, Sampling(max_tokens=12, stop=(cut,)))
+        assert stopped.text == full[: full.index(cut)]
+        assert stopped.finish_reason == "stop"
 
 
 def test_default_f16_kv_cache_stays_close(ref, converted):
-    eng = Engine.load(converted, n_ctx=1024)
+    eng = LocalEngine.load(converted, n_ctx=1024)
     try:
         for adapter in ADAPTERS:
-            ours = eng.next_token_logits(PROMPTS[1], adapter=adapter)
+            ours, usage = eng.next_token_logits(PROMPTS[1], adapter=adapter)
             theirs = reference_logits(ref, chat_ids(ref, PROMPTS[1]), adapter)
             assert rel_err(ours, theirs) <= 5e-3  # f16 K/V rounding only
     finally:
@@ -166,10 +170,10 @@ def test_lower_precision_outputs_within_stated_bounds(ref, tmp_path, outtype, bo
     src = save_native(ref, tmp_path / "ckpt")
     out = tmp_path / outtype
     convert_checkpoint(src, out, outtype, quiet=True)
-    eng = Engine.load(out, n_ctx=1024, kv_type="f32")
+    eng = LocalEngine.load(out, n_ctx=1024, kv_type="f32")
     try:
         for adapter in ADAPTERS:
-            ours = eng.next_token_logits(PROMPTS[1], adapter=adapter)
+            ours, usage = eng.next_token_logits(PROMPTS[1], adapter=adapter)
             theirs = reference_logits(ref, chat_ids(ref, PROMPTS[1]), adapter)
             assert rel_err(ours, theirs) <= bound, (adapter, rel_err(ours, theirs))
     finally:

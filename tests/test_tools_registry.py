@@ -49,9 +49,16 @@ def test_schema_material(tools, name):
     assert set(documented_args(inspect.getdoc(tool))) == set(signature.parameters)
 
 
-def test_tools_accept_attributes(tools):
-    for tool in tools.values():
-        tool.schema_cache = {}  # the agent may annotate functions; bound methods would refuse
+def test_tools_accept_attributes(tools, monkeypatch):
+    # The agent may annotate functions; bound methods would refuse (AttributeError). Each tool
+    # keeps its own annotation: no two names share one function object.
+    for name, tool in tools.items():
+        monkeypatch.setattr(tool, "schema_cache", {"tool": name}, raising=False)
+    for name, tool in tools.items():
+        assert inspect.isfunction(tool) and not inspect.ismethod(tool), name
+        assert tool.schema_cache == {"tool": name}
+        assert tool.__dict__["schema_cache"] is tool.schema_cache
+    assert len({id(tool) for tool in tools.values()}) == len(tools)
 
 
 def test_results_are_json_serialisable(tools):
@@ -67,4 +74,10 @@ def test_results_are_json_serialisable(tools):
         tools["list_files"](),
         tools["read_file"]("a.txt"),
     ]
-    json.dumps(results)
+    # Strict JSON (no NaN/Infinity) that reads back unchanged: no tuples, no non-string keys.
+    assert json.loads(json.dumps(results, allow_nan=False)) == results
+    assert results[0] == "4" and "1000" in results[3] and results[-1] == "alpha"
+    assert results[1]["timezone"] == "Europe/Paris" and results[2]["to"]["time"] == "19:00:00"
+    note = results[4]
+    assert note["text"] == "hi" and note["tags"] == ["x"] and results[5] == results[6] == [note]
+    assert "1" in results[7] and any("a.txt" in entry for entry in results[8])

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import unavailable
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +35,7 @@ TIMEOUT_MS = 180_000  # a busy 2-core machine prefills the tools prompt slowly
 @pytest.fixture(scope="module")
 def browser():
     if not os.path.exists(CHROMIUM):
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+        unavailable("Debian's chromium is not installed (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -152,7 +154,23 @@ def mm_page(browser, multimodal_app):
 
 # -- text ------------------------------------------------------------------------------------
 
-def test_a_typed_message_gets_a_streamed_answer(text_page):
+def opening_of_the_model_answer(app, question: str) -> str:
+    """The first words of what the app's model answers `question` with the page's default
+    settings, asked directly (a 135M model's words depend on the CPU; on one machine the same
+    engine answers the same), without Markdown marks, as the page shows them."""
+    from app.conversation import DEFAULT_SYSTEM_PROMPT, Settings
+    from app.engine_api import Sampling
+
+    messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": question}]
+    text = app.engine.generate(messages, Sampling(max_tokens=Settings().max_tokens)).text
+    return " ".join(re.sub(r"[*_`#>|]", " ", text).split()[:4])
+
+
+def shown(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_a_typed_message_gets_a_streamed_answer(text_page, text_app):
     text_page.send("What is the capital of France?")
     text_page.user_messages().first.wait_for()
     assert "capital of France" in text_page.user_messages().first.inner_text()
@@ -165,7 +183,7 @@ def test_a_typed_message_gets_a_streamed_answer(text_page):
                 seen.append(text)
         time.sleep(0.05)
     answer = text_page.wait_for_answers(1)
-    assert "Paris" in answer
+    assert opening_of_the_model_answer(text_app, "What is the capital of France?") in shown(answer)
     assert len(seen) >= 2, f"the answer arrived in one piece, not streamed: {seen}"
     assert "no LoRA (text)" in answer and "prompt tokens" in answer and "TTFT" in answer
     text_page.screenshot("chat-text.png")
@@ -221,7 +239,7 @@ def test_stop_keeps_the_partial_answer_and_regenerate_replaces_it(text_page):
     assert text_page.bot_messages().last.inner_text() != stopped
 
 
-def test_a_conversation_is_saved_and_reopened(text_page):
+def test_a_conversation_is_saved_and_reopened(text_page, text_app):
     page = text_page.page
     text_page.send("What is the capital of France?")
     answer = text_page.wait_for_answers(1)
@@ -236,11 +254,13 @@ def test_a_conversation_is_saved_and_reopened(text_page):
     page.locator("#saved-status", has_text="Opened").wait_for()
     page.locator("#chat .turn-stats").first.wait_for()
     assert "capital of France" in text_page.user_messages().first.inner_text()
-    assert "Paris" in answer and "Paris" in text_page.bot_messages().last.inner_text()
+    opening = opening_of_the_model_answer(text_app, "What is the capital of France?")
+    assert opening in shown(answer) and opening in shown(text_page.bot_messages().last.inner_text())
 
 
-@pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng is not installed")
 def test_answers_are_spoken_when_asked(text_page):
+    if not shutil.which("espeak-ng"):
+        unavailable("espeak-ng is not installed (apt-get install espeak-ng)")
     page = text_page.page
     assert page.locator("#reply-audio").is_hidden()
     page.locator("#speak input").check()

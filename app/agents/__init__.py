@@ -5,11 +5,12 @@ grammar-constrained arguments, and the agent loop.
     result = agent.run("What is 17 * 23?")
     result.answer, result.steps
 
-The engine is passed in and used only through `engine.generate(messages, ...)`.
+The engine is passed in and used only through the engine contract (app/engine_api.py):
+`engine.stream(messages, sampling)` for answers, `engine.generate` for constrained calls.
 """
 from .events import AgentResult, Event, FinalAnswer, TextDelta, ToolCallEvent, ToolResultEvent, ToolStep
 from .grammar import tool_call_grammar, tool_calls_schema
-from .loop import Agent, Engine
+from .loop import Agent
 from .messages import DEFAULT_SYSTEM
 from .parsing import ParsedReply, ToolCall, parse_tool_calls
 from .schema import Tool, tool_from_function
@@ -19,7 +20,6 @@ __all__ = [
     "Agent",
     "AgentResult",
     "DEFAULT_SYSTEM",
-    "Engine",
     "Event",
     "FinalAnswer",
     "ParsedReply",

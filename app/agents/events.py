@@ -2,6 +2,8 @@
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.engine_api import Usage
+
 
 @dataclass
 class ToolStep:
@@ -19,7 +21,10 @@ class AgentResult:
     answer: str
     steps: list[ToolStep]
     messages: list[dict[str, Any]]  # the whole conversation so far, as sent to the engine
-    stop_reason: str = "answer"  # "answer", or "max_steps" when the tool-call limit ended the run
+    # "answer"; "max_steps" when the tool-call limit ended the run; "stopped" by the cancel token;
+    # "error" when the engine failed (see FinalAnswer.error)
+    stop_reason: str = "answer"
+    usage: Usage | None = None  # every request of the turn together (Usage.then)
 
 
 @dataclass
@@ -47,10 +52,15 @@ class ToolResultEvent:
 
 @dataclass
 class FinalAnswer:
-    """The last event of a run. `result` holds the steps and messages too."""
+    """The last event of a turn: the answer, and in `result` the steps, messages and usage."""
 
     text: str
     result: AgentResult | None = field(default=None, repr=False)
+    error: str | None = None  # why the turn failed, when it did (the conversation goes on)
+
+    @property
+    def usage(self) -> Usage | None:
+        return self.result.usage if self.result is not None else None
 
 
 Event = TextDelta | ToolCallEvent | ToolResultEvent | FinalAnswer

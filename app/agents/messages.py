@@ -1,7 +1,8 @@
 """The messages the agent sends to the engine, in the shape its Phi-4 chat template renders.
 
-- system: {"role": "system", "content": ..., "tools": "<JSON list>"}
+- system: {"role": "system", "content": ..., "tools": "<JSON list>", "tools_text": ...}
   -> <|system|>content<|tool|>[{"name", "description", "parameters"}, ...]<|/tool|><|end|>
+  (`tools_text` is what a chat template without a place for tools appends to the content)
 - assistant calling tools: {"role": "assistant", "content": "<|tool_call|>[...]<|/tool_call|>"}
 - tool result: {"role": "tool", "content": "<result as text or JSON>"} -> <|tool|>...<|end|>
 - a last assistant message is continued by the engine (no end tag, no new header).
@@ -15,6 +16,9 @@ from .schema import Tool
 
 # Ollama's phi4-mini template uses this when tools are given without a system prompt.
 DEFAULT_SYSTEM = "You are a helpful assistant with some tools."
+# How tools reach a model whose chat template has no place for them (Phi-4's has one).
+TOOLS_IN_TEXT = ("\n\nYou can call these tools:\n{tools}\nTo call tools, answer with "
+                 f'{TOOL_CALL_START}[{{{{"name": "<tool name>", "arguments": {{{{...}}}}}}}}]{TOOL_CALL_END}')
 
 
 def system_message(system: str | None, tools: Sequence[Tool]) -> dict[str, Any] | None:
@@ -22,7 +26,8 @@ def system_message(system: str | None, tools: Sequence[Tool]) -> dict[str, Any] 
     if not tools:
         return {"role": "system", "content": system} if system else None
     tools_json = json.dumps([tool.to_phi() for tool in tools], ensure_ascii=False)
-    return {"role": "system", "content": system or DEFAULT_SYSTEM, "tools": tools_json}
+    return {"role": "system", "content": system or DEFAULT_SYSTEM, "tools": tools_json,
+            "tools_text": TOOLS_IN_TEXT.format(tools=tools_json)}
 
 
 def user_message(prompt: str | dict[str, Any]) -> dict[str, Any]:

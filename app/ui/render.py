@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from app.chat_session import Conversation, Step, Turn, format_stats
-
+from app.conversation import Conversation, Step, Turn, format_usage
 
 
 def chat_messages(conversation: Conversation) -> list[dict[str, Any]]:
@@ -26,7 +25,7 @@ def chat_messages(conversation: Conversation) -> list[dict[str, Any]]:
 
 def user_message(turn: Turn) -> dict[str, Any]:
     content: list[Any] = [turn.text] if turn.text else []
-    content += [{"path": att.path} for att in turn.attachments]
+    content += [{"path": att.path} for att in turn.attachments if att.path]
     return {"role": "user", "content": content}
 
 
@@ -53,6 +52,6 @@ def answer_message(turn: Turn) -> dict[str, Any] | None:
         if not turn.pending or turn.steps:
             return None
         text = "…"  # the question is queued or prefilling: show that something is under way
-    if turn.stats and not turn.pending:
-        text += f'\n\n<div class="turn-stats">{format_stats(turn.stats)}</div>'
+    if turn.usage and not turn.pending:
+        text += f'\n\n<div class="turn-stats">{format_usage(turn.usage)}</div>'
     return {"role": "assistant", "content": text}

@@ -12,17 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.chat_session import Assistant, conversations_dir
-from app.engine import Engine
+from app.conversation_store import conversations_dir
+from app.engine import LocalEngine
 from app.model_store import FULL_MODEL_COMMAND, ModelChoice
-from app.ui.page import PageInfo, build_page, launch_page
+from app.ui.handlers import Handlers, PageInfo
+from app.ui.page import build_page, launch_page
 from tools import builtin_tools
 
 
 @dataclass
 class RunningApp:
     url: str
-    engine: Engine
+    engine: LocalEngine
     demo: Any  # gr.Blocks
 
     def close(self) -> None:
@@ -47,17 +48,16 @@ def serve(choice: ModelChoice, host: str = "127.0.0.1", port: int = 7860, n_ctx:
           notes_path: str | os.PathLike | None = None, conversations_root: str | os.PathLike | None = None,
           block: bool = True, quiet: bool = True) -> RunningApp:
     """Load `choice`, build the page around it and start serving (blocking unless block=False)."""
-    engine = Engine.load(choice.path, n_ctx=n_ctx, n_threads=n_threads)
+    engine = LocalEngine.load(choice.path, n_ctx=n_ctx, n_threads=n_threads)
     name = choice.path.stem if choice.path.is_file() else choice.path.name
     if choice.full:
         reason = f"{name} has no encoder for it"
     else:
         reason = f"the text-only fallback model is running; get Phi-4-multimodal with: {FULL_MODEL_COMMAND}"
-    assistant = Assistant(engine, builtin_tools(notes_path=notes_path), unsupported_reason=reason)
     root = Path(conversations_root) if conversations_root else conversations_dir()
     info = PageInfo(model_name=name, notice=choice.notice, conversations_root=root,
                     details=f"{engine.n_threads} threads · context {engine.n_ctx:,}")
-    demo = build_page(assistant, info)
+    demo = build_page(Handlers(engine, builtin_tools(notes_path=notes_path), info, unsupported_reason=reason))
     url = launch_page(demo, host=host, port=free_port(host, port), share=share, auth=auth,
                       allowed_paths=[str(root)], block=False, quiet=quiet)
     app = RunningApp(url, engine, demo)

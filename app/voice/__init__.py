@@ -1,4 +1,7 @@
-"""Voice front end: microphone -> 16 kHz frames -> VAD -> utterances for the model.
+"""The voice assistant in the terminal (`python -m app.voice`), in two parts.
+
+Audio in: microphone -> 16 kHz frames -> VAD -> utterances for the model (`capture`,
+`stream_resample`, `segmenter`):
 
     capture = open_microphone()                      # or MicrophoneCapture(rate, stream_factory=...)
     segmenter = UtteranceSegmenter(capture.samplerate)
@@ -6,14 +9,18 @@
         for utterance in stream_utterances(capture.blocks(), segmenter):
             ...                                      # utterance.samples: 16 kHz mono float32
 
-Nothing here needs a real device: `FakeInputStream` plays a recording through the same
-callback path, and the segmenter takes plain numpy blocks.
+Nothing there needs a real device: the capture takes any stream factory with the sounddevice
+callback contract, and the segmenter takes plain numpy blocks.
 
-On top of it, the assistant (`python -m app.voice`): `VoiceAssistant` answers utterances with
-the model and keeps the conversation, `Listener` runs it live with barge-in, `Speaker` reads
-the answers aloud (espeak-ng), `read_wav` reads recordings.
+The voice app (`assistant`, `__main__`): `VoiceAssistant` answers utterances on the conversation
+core (app/conversation.py), `Listener` runs it live with barge-in. Speech out, shared with the web
+page, is app/speech_out.py (`Speaker` reads answers aloud with espeak-ng); recordings are read by
+app/media.py.
 """
-from .assistant import Listener, Turn, VoiceAssistant, answer_recording
+from app.media import WavError, read_wav
+from app.speech_out import SentenceSplitter, Speaker
+
+from .assistant import Listener, VoiceAssistant, answer_recording
 from .capture import (
     InputDevice,
     MicrophoneCapture,
@@ -22,20 +29,15 @@ from .capture import (
     list_input_devices,
     open_microphone,
 )
-from .fake_stream import FakeInputStream
 from .segmenter import Utterance, UtteranceSegmenter, segment_clip, stream_utterances
-from .speaker import SentenceSplitter, Speaker
-from .wav_file import WavError, read_wav
 
 __all__ = [
-    "FakeInputStream",
     "InputDevice",
     "Listener",
     "MicrophoneCapture",
     "MicrophoneUnavailable",
     "SentenceSplitter",
     "Speaker",
-    "Turn",
     "Utterance",
     "UtteranceSegmenter",
     "VoiceAssistant",

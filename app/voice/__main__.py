@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from app import model_store
+from app.engine_api import Engine
+from app.media import MediaError, read_audio
 
 from .assistant import Listener, VoiceAssistant, answer_recording
 from .capture import MicrophoneUnavailable, list_input_devices, open_microphone
 from .segmenter import UtteranceSegmenter
-from .speaker import Speaker, WavWriter
-from .speaker import available as speech_available
-from .wav_file import WavError, read_wav
+from app.speech_out import Speaker, WavWriter
+from app.speech_out import available as speech_available
 
 PROG = "phi4mm-voice"
 
@@ -58,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="DIR", help="converted Phi-4-multimodal folder (python -m convert); "
                    f"default: the app's model folder ({model_store.default_model_dir()})")
     src = p.add_argument_group("input")
-    src.add_argument("--wav", metavar="FILE", help="answer the speech in this WAV file instead of a microphone")
+    src.add_argument("--wav", metavar="FILE",
+                     help="answer the speech in this recording (WAV, FLAC, OGG, MP3) instead of a microphone")
     src.add_argument("--device", help="input device: index or part of its name (default: the system's)")
     src.add_argument("--list-devices", action="store_true", help="list the input devices and exit")
     src.add_argument("--mode", choices=("ptt", "handsfree"), default="ptt",
@@ -118,8 +120,8 @@ def default_model_dir() -> tuple[Path, str]:
     return model_store.default_model_dir(), model_store.FULL_MODEL_COMMAND
 
 
-def load_engine(args: argparse.Namespace) -> Any:
-    from app.engine import Engine  # imported late: --list-devices and bad input fail fast without it
+def load_engine(args: argparse.Namespace) -> Engine:
+    from app.engine import LocalEngine  # imported late: --list-devices and bad input fail fast without it
 
     if args.model:
         model = Path(args.model).expanduser()
@@ -130,7 +132,7 @@ def load_engine(args: argparse.Namespace) -> Any:
                           f"`python -m convert`), or fetch and convert it with: {fetch}")
     status(f"loading {model} ...")
     try:
-        engine = Engine.load(model, n_ctx=args.ctx, n_threads=args.threads)
+        engine = LocalEngine.load(model, n_ctx=args.ctx, n_threads=args.threads)
     except Exception as err:  # missing folder, unfinished conversion, unreadable GGUF
         raise Failure(f"cannot load the model: {' '.join(str(err).split())}") from None
     if "audio" not in engine.modalities:
@@ -159,7 +161,7 @@ def make_segmenter(args: argparse.Namespace, rate: int, push_to_talk: bool) -> U
         push_to_talk=push_to_talk)
 
 
-def make_assistant(args: argparse.Namespace, engine: Any, speaker: Speaker | None) -> VoiceAssistant:
+def make_assistant(args: argparse.Namespace, engine: Engine, speaker: Speaker | None) -> VoiceAssistant:
     tools: list[Callable[..., Any]] = []
     if args.tools:
         from tools import builtin_tools
@@ -233,10 +235,10 @@ def _interrupt_main() -> None:
 
 def run_file(args: argparse.Namespace) -> int:
     try:
-        samples, rate = read_wav(args.wav)
+        samples, rate = read_audio(args.wav)
     except OSError as err:
         raise Failure(f"cannot read --wav {args.wav}: {err.strerror or err}") from None
-    except WavError as err:  # its message starts with the path
+    except MediaError as err:  # its message starts with the path
         raise Failure(f"cannot read --wav {err}") from None
     engine = load_engine(args)
     speaker = make_speaker(args, live=False)

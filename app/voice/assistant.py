@@ -5,29 +5,29 @@
     Listener(assistant, capture, UtteranceSegmenter(capture.samplerate)).run()  # a microphone
 
 The model hears the audio itself (Phi-4-multimodal's speech LoRA): there is no separate
-speech-to-text step. Each utterance is one user turn of an `Agent` conversation, so context
-and tools carry across turns, and a turn that reuses the previous ones prefills only its new
-tokens. Barge-in: `interrupt()` (speech heard, or the push-to-talk key pressed) stops the
-answer at the next token and silences the speaker; what was said so far stays in the
-conversation, so "no, I meant..." has something to refer to.
+speech-to-text step. Each utterance is one turn of a Conversation (app/conversation.py), the
+same core the web page runs on, so context and tools carry across turns, and a turn that reuses
+the previous ones prefills only its new tokens. Barge-in: `interrupt()` (speech heard, or the
+push-to-talk key pressed) stops the answer at the next token and silences the speaker; what was
+said so far stays in the conversation, so "no, I meant..." has something to refer to.
 """
 from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from app.agents import Agent, FinalAnswer, TextDelta, ToolCallEvent, ToolResultEvent, ToolStep
-from app.engine import ContextFull, EngineError
-from app.prompt import PromptError
+from app.agents import Event, FinalAnswer, TextDelta, ToolCallEvent, ToolResultEvent
+from app.agents.schema import tool_from_function
+from app.conversation import Attachment, Conversation, Settings, Turn, format_usage
+from app.engine_api import AUDIO, Engine
 from model.audio_io import MODEL_SAMPLE_RATE
 
 from .capture import MicrophoneCapture
 from .segmenter import Utterance, UtteranceSegmenter, stream_utterances
-from .speaker import SentenceSplitter, Speaker
+from app.speech_out import SentenceSplitter, Speaker
 
 VOICE_SYSTEM = (
     "You are a helpful voice assistant running on the user's own computer. The user talks to you "
@@ -40,24 +40,12 @@ SPOKEN_TURN = "Reply to what I said in the audio."
 Writer = Callable[[str], None]
 
 
-@dataclass
-class Turn:
-    """One utterance and the answer to it."""
-
-    utterance: Utterance
-    text: str  # what the assistant wrote (up to the interruption, if any)
-    interrupted: bool = False
-    steps: list[ToolStep] = field(default_factory=list)
-    timings: Any = None  # the engine's `last` Timings after the turn, where it has them
-    error: str | None = None  # why the engine could not answer (the turn has no text then)
-
-
 class VoiceAssistant:
     """Answers utterances one at a time, keeping the conversation; see the module docstring."""
 
     def __init__(
         self,
-        engine: Any,
+        engine: Engine,
         *,
         tools: Sequence[Callable[..., Any]] = (),
         system: str | None = VOICE_SYSTEM,
@@ -68,23 +56,28 @@ class VoiceAssistant:
         write: Writer | None = None,
         show_timings: bool = False,
     ) -> None:
-        self.engine = engine
-        self.agent = Agent(engine, tools=tools, system=system, max_tokens=max_tokens, temperature=temperature)
+        named = {tool_from_function(fn).name: fn for fn in tools}
+        settings = Settings(system=system or "", max_tokens=max_tokens, temperature=temperature,
+                            tools=list(named), max_tool_calls=10)
+        self.conversation = Conversation(engine, named, settings)
         self.instruction = instruction
         self.speaker = speaker
         self.write = write or (lambda text: None)
         self.show_timings = show_timings
-        self.turns: list[Turn] = []
+        self.heard: list[Utterance] = []  # the utterance of each turn, in order
         # One lock makes "not interrupted? then show/say this" atomic against interrupt():
         # nothing is printed or spoken after the barge-in that stopped the answer.
         self._lock = threading.Lock()
         self._interrupted = threading.Event()
-        self._busy = False
+
+    @property
+    def turns(self) -> list[Turn]:
+        return self.conversation.turns
 
     @property
     def busy(self) -> bool:
         """True while an answer is being generated."""
-        return self._busy
+        return self.conversation.busy
 
     def interrupt(self) -> bool:
         """Barge-in: stop the answer being generated and anything being spoken.
@@ -92,23 +85,18 @@ class VoiceAssistant:
         Safe from any thread. Returns True if an answer was running.
         """
         with self._lock:
-            if self._busy:
+            running = self.conversation.stop()
+            if running:
                 self._interrupted.set()
             if self.speaker is not None:
                 self.speaker.stop()
-            return self._busy
+            return running
 
     def reset(self) -> None:
         """Forget the conversation (tools and system prompt stay)."""
-        self.agent.reset()
-        self.turns.clear()
-
-    def prompt(self, utterance: Utterance) -> dict[str, Any]:
-        """The user message for an utterance: its audio, and the instruction to answer it."""
-        content: list[dict[str, Any]] = [{"type": "audio", "audio": (utterance.samples, MODEL_SAMPLE_RATE)}]
-        if self.instruction:
-            content.append({"type": "text", "text": self.instruction})
-        return {"role": "user", "content": content}
+        conversation = self.conversation
+        self.conversation = Conversation(conversation.engine, conversation.tools, conversation.settings)
+        self.heard.clear()
 
     def answer(self, utterance: Utterance) -> Turn:
         """Answer one utterance: stream the text to `write`, speak finished sentences.
@@ -119,81 +107,60 @@ class VoiceAssistant:
         """
         speech_s = utterance.speech_end_s - utterance.speech_start_s
         self.write(f"\nyou: [{speech_s:.1f} s of speech at {utterance.speech_start_s:.1f} s]\nassistant: ")
-        prompt = self.prompt(utterance)
-        try:
-            try:
-                text, steps, interrupted = self._stream(prompt)
-            except ContextFull:
-                if len(self.agent.messages) <= 1:
-                    raise  # nothing earlier to forget: this utterance alone is too long
-                # Forget the earlier turns rather than stop talking.
-                self.write("[the conversation no longer fits in the context: starting afresh] ")
-                self.agent.reset()
-                text, steps, interrupted = self._stream(prompt)
-        except (EngineError, PromptError) as err:
-            self.write(f"[cannot answer: {err}]\n")
-            turn = Turn(utterance, "", error=str(err))
-            self.turns.append(turn)
-            return turn
-        if interrupted:
-            # The agent took the unfinished turn out; keep the question and what was said of the
-            # answer, so the next utterance can refer to them.
-            self.agent.messages += [prompt, {"role": "assistant", "content": text.strip()}]
+        self.heard.append(utterance)
+        with self._lock:
+            self._interrupted.clear()
+            self.conversation.add(self.instruction or "", [Attachment(AUDIO, data=(utterance.samples,
+                                                                                   MODEL_SAMPLE_RATE))])
+        final = self._show(self.conversation.answer())
+        if final.result is not None and final.result.stop_reason == "context_full" and len(self.turns) > 1:
+            # Forget the earlier turns rather than stop talking.
+            self.write("[the conversation no longer fits in the context: starting afresh] ")
+            self.conversation.forget_earlier()
+            self.heard[:] = self.heard[-1:]
+            self.conversation.retry()
+            final = self._show(self.conversation.answer())
+        turn = self.turns[-1]
+        if turn.error:
+            self.write(f"[cannot answer: {turn.error}]\n")
+        elif turn.stopped:
             self.write(" [interrupted]\n")
         else:
             self.write("\n")
-        turn = Turn(utterance, text, interrupted, steps, getattr(self.engine, "last", None))
-        if self.show_timings and turn.timings is not None and not interrupted:
-            self.write(f"  ({describe_timings(turn.timings)})\n")
-        self.turns.append(turn)
+            if self.show_timings and turn.usage is not None:
+                self.write(f"  ({format_usage(turn.usage)})\n")
         return turn
 
-    def _stream(self, prompt: dict[str, Any]) -> tuple[str, list[ToolStep], bool]:
-        """One agent turn, shown and spoken as it streams: (text, tool steps, interrupted)."""
+    def _show(self, events: Any) -> FinalAnswer:
+        """Write and speak one answer as it streams; return its FinalAnswer."""
         splitter = SentenceSplitter()
-        shown: list[str] = []
-        steps: list[ToolStep] = []
-        with self._lock:
-            self._interrupted.clear()
-            self._busy = True
-        events = self.agent.stream(prompt)
-        stopped = False  # left before the agent's FinalAnswer (it then drops the turn)
-        try:
-            for event in events:
-                with self._lock:
-                    if self._interrupted.is_set():
-                        stopped = True
-                        break
-                    if isinstance(event, TextDelta):
-                        self.write(event.text)
-                        shown.append(event.text)
-                        self._say(splitter.push(event.text))
-                    elif isinstance(event, ToolCallEvent):
-                        args = ", ".join(f"{k}={v!r}" for k, v in event.arguments.items())
-                        self.write(f"\n  [tool] {event.name}({args})")
-                    elif isinstance(event, ToolResultEvent):
-                        self.write(f" -> {event.result if event.error is None else 'error: ' + event.error}\n")
-                    elif isinstance(event, FinalAnswer) and event.result is not None:
-                        steps = event.result.steps
-        finally:
-            events.close()  # stops the engine at once if we left early
+        final = None
+        for event in events:
             with self._lock:
-                self._busy = False
-                if not self._interrupted.is_set():  # a barge-in after the last word silences it too
-                    self._say(splitter.flush())
-        return "".join(shown), steps, stopped
+                if isinstance(event, FinalAnswer):
+                    final = event
+                elif not self._interrupted.is_set():
+                    self._show_event(event, splitter)
+        with self._lock:
+            if not self._interrupted.is_set():  # a barge-in after the last word silences it too
+                self._say(splitter.flush())
+        assert final is not None  # the conversation always ends an answer with a FinalAnswer
+        return final
+
+    def _show_event(self, event: Event, splitter: SentenceSplitter) -> None:
+        if isinstance(event, TextDelta):
+            self.write(event.text)
+            self._say(splitter.push(event.text))
+        elif isinstance(event, ToolCallEvent):
+            args = ", ".join(f"{k}={v!r}" for k, v in event.arguments.items())
+            self.write(f"\n  [tool] {event.name}({args})")
+        elif isinstance(event, ToolResultEvent):
+            self.write(f" -> {event.result if event.error is None else 'error: ' + event.error}\n")
 
     def _say(self, sentences: list[str]) -> None:
         if self.speaker is not None:
             for sentence in sentences:
                 self.speaker.say(sentence)
-
-
-def describe_timings(t: Any) -> str:
-    """One line of what the last request cost (the engine's Timings)."""
-    new = t.prompt_tokens - t.reused_tokens
-    return (f"{new} new prompt tokens ({t.reused_tokens} reused), speech encoder {t.encoder_ms:.0f} ms, "
-            f"first token {t.ttft_ms:.0f} ms, {t.decode_tokens} tokens at {t.decode_tokens_per_s:.1f}/s")
 
 
 # -- the two ways in: a recording, a microphone -------------------------------------------

@@ -2,8 +2,8 @@
 
 PortAudio (through sounddevice) calls our callback on its own real-time thread; the
 callback only copies the block into a queue, never blocks, and the consumer thread does the
-slow work (resampling, VAD, the model). The stream class is injected, so tests and the CLI
-can play a recording through `FakeInputStream` instead of a device. Every failure to get a
+slow work (resampling, VAD, the model). The stream class is injected, so tests can play a
+recording through a stand-in with the same callback contract instead of a device. Every failure to get a
 microphone becomes one `MicrophoneUnavailable` with a one-line message the CLI can print.
 """
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Spoken replies: streamed text -> sentences -> espeak-ng -> a player, one sentence at a time.
+"""Spoken replies, for both front ends: streamed text -> sentences -> espeak-ng -> a player, one
+sentence at a time (the voice assistant), or a whole answer -> a WAV file (the web page).
 
 Speaking starts with the first finished sentence while the model is still writing the rest
 (peers' lesson: wait for the whole answer and the first audio comes seconds late). The
@@ -13,6 +14,8 @@ assistant answers in text and says why once.
     for sentence in splitter.flush():
         speaker.say(sentence)
     speaker.stop()   # barge-in: drop what is queued, cut the sentence being played
+
+    speak_to_file(answer, "answer.wav")   # the page's spoken reply
 """
 from __future__ import annotations
 
@@ -26,9 +29,10 @@ from typing import Callable
 
 import numpy as np
 
-from .wav_file import WavError, parse_wav
+from app.media import WavError, parse_wav
 
 ESPEAK = "espeak-ng"
+MAX_FILE_CHARS = 3000  # a spoken reply longer than this is cut: nobody listens to pages of speech
 
 # play(samples, rate, cut): play to the end, or return early once `cut` is set.
 Player = Callable[[np.ndarray, int, threading.Event], None]
@@ -284,3 +288,14 @@ class Speaker:
     def _notify(callback: Callable[[], None] | None) -> None:
         if callback is not None:
             callback()
+
+
+def speak_to_file(text: str, path: str | Path, voice: str | None = None) -> Path:
+    """Write `text` as speech to a WAV file; raises SpeechUnavailable if espeak-ng is missing or fails."""
+    if not available():
+        raise SpeechUnavailable("espeak-ng is not installed (apt-get install espeak-ng)")
+    command = [ESPEAK, "-w", str(path)] + (["-v", voice] if voice else []) + ["--", speakable(text)[:MAX_FILE_CHARS]]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    if run.returncode != 0:
+        raise SpeechUnavailable(f"espeak-ng failed: {run.stderr.strip()[:200]}")
+    return Path(path)
