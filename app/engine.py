@@ -31,6 +31,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from app import media
 from app.engine_api import (
     AUDIO,
     AUTO,
@@ -43,7 +44,6 @@ from app.engine_api import (
     Sampling,
     Usage,
 )
-from app import media
 from app.llama_backend import LlamaContext, LlamaModel, Sampler
 from app.prompt import ChatTemplate, Media, Prompt
 from model.audio_io import to_model_audio

@@ -3,14 +3,13 @@ stop, regenerate, save/open with media, and the page's rendering of it."""
 from __future__ import annotations
 
 import wave
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from app import conversation_store, media as media_files
-from app.agents import FinalAnswer, TextDelta
+from app.agents import TextDelta
 from app.conversation import Attachment, Busy, Conversation, Settings, Unsupported, format_usage
 from app.engine_api import Usage
 from app.ui.handlers import SPOKEN_QUESTION

@@ -1,7 +1,6 @@
 """The converted tiny checkpoints, run by our engine on llama.cpp, equal transformers + peft."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from app.engine import LocalEngine

@@ -21,7 +21,7 @@ The file tools exist only when a sandbox folder is given: the assistant never
 sees the file system by default.
 """
 import os
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Union
 
 from tools.calculator import calculate
 from tools.clock import convert_time, current_time

@@ -107,7 +107,7 @@ class Agent:
             if tool.name in named:
                 raise ValueError(f"two tools are named {tool.name!r}")
             named[tool.name] = tool
-        if list(named.values()) != list(self.tools.values()) or self.grammar is None:
+        if list(named.values()) != list(self.tools.values()):
             self.grammar = self._build_grammar(named) if self.constrain and named else None
         self.tools, self.system = named, system
         first = system_message(system, list(named.values()))
@@ -199,10 +199,13 @@ class Agent:
             self.messages.append(call_message(before, parsed.calls))
             skipped_any = False
             for call in parsed.calls:
-                if len(steps) >= self.max_steps or self._cancel.is_set():
-                    skipped_any = not self._cancel.is_set()
-                    why = STOPPED_CALL if self._cancel.is_set() else self._limit_message()
-                    self.messages.append(result_message(ToolStep(call.name, call.arguments, error=why)))
+                if self._cancel.is_set():  # every call gets its result, so the history stays well formed
+                    self.messages.append(result_message(ToolStep(call.name, call.arguments, error=STOPPED_CALL)))
+                    continue
+                if len(steps) >= self.max_steps:
+                    skipped_any = True
+                    skipped = ToolStep(call.name, call.arguments, error=self._limit_message())
+                    self.messages.append(result_message(skipped))
                     continue
                 yield ToolCallEvent(call.name, call.arguments, call.id)
                 step = execute(call, self.tools, self.tool_timeout)
