@@ -1,31 +1,22 @@
 """The agent loop: ask the model, run the tools it calls, hand it the results, repeat.
 
-Each model turn is generated freely and streamed. When the model starts a tool call, the
-free generation is cut there and the call is generated again under a grammar built from
-the tools' schemas (by continuing an assistant message that ends in `<|tool_call|>`), so
-its arguments are always valid. With `constrain=False`, or without llama-cpp-python, the
-free call is parsed leniently and checked against the schema instead; errors go back to
-the model as tool results either way.
+Each model reply comes from `model_reply` (app/agents/reply.py): streamed text, and tool calls
+generated again under a grammar built from the tools' schemas, so their arguments are always
+valid. With `constrain=False`, or without llama-cpp-python, the call the model wrote is parsed
+leniently and checked against the schema instead; errors go back to the model as tool results
+either way.
 """
-import json
 import threading
 import warnings
-from typing import Any, Callable, Generator, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-from app.engine_api import Chunk, Engine, Sampling, Usage
+from app.engine_api import Engine, Sampling, Usage
 
-from .events import AgentResult, Event, FinalAnswer, TextDelta, ToolCallEvent, ToolResultEvent, ToolStep
+from .events import AgentResult, Event, FinalAnswer, ToolCallEvent, ToolResultEvent, ToolStep
 from .execute import execute
 from .grammar import tool_call_grammar
 from .messages import call_message, result_message, system_message, user_message
-from .parsing import (
-    TOOL_CALL_END,
-    TOOL_CALL_START,
-    ParsedReply,
-    find_call_start,
-    parse_tool_calls,
-    partial_marker_length,
-)
+from .reply import Stopped, model_reply
 from .schema import Tool, tool_from_function
 
 UNREADABLE_CALL = (
@@ -34,20 +25,6 @@ UNREADABLE_CALL = (
 )
 STOPPED_CALL = "not run: the user stopped the answer"
 TOOL_CHOICES = ("auto", "required")
-
-
-def _complete_call(text: str) -> bool:
-    """Whether a constrained call's JSON list is whole (not cut off by the token budget)."""
-    body = text.split(TOOL_CALL_START, 1)[-1].split(TOOL_CALL_END, 1)[0].strip()
-    try:
-        json.loads(body)
-    except ValueError:
-        return False
-    return True
-
-
-class _Stopped(Exception):
-    """The cancel token was set: the turn ends with what was said so far."""
 
 
 class Agent:
@@ -159,7 +136,7 @@ class Agent:
         steps: list[ToolStep] = []
         try:
             yield from self._steps(steps)
-        except _Stopped as stopped:
+        except Stopped as stopped:
             yield self._finish(str(stopped.args[0]) if stopped.args else "", steps, "stopped")
 
     def _steps(self, steps: list[ToolStep]) -> Iterator[Event]:
@@ -167,38 +144,27 @@ class Agent:
         while True:
             # Past the limit calls are not run, so there is no point constraining them.
             constrain = self.grammar is not None and len(steps) < self.max_steps
-            if constrain and not steps and self.tool_choice == "required":
-                text, call_at = "", 0  # go straight to the constrained call
-            else:
-                text, call_at = yield from self._reply(constrain)
-            if call_at is None:
-                parsed = parse_tool_calls(text) if self.tools else ParsedReply([], text)
-                if not parsed.calls:
-                    yield self._finish(text, steps, "max_steps" if told_limit else "answer")
-                    return
-                before = parsed.text  # a bare JSON call, without markup
-            else:
-                before = text[:call_at]
-                call_text = self._constrained_call(before) if constrain else text[call_at:]
-                if self._cancel.is_set():
-                    raise _Stopped(before)
-                parsed = parse_tool_calls(call_text)
-                if constrain and not _complete_call(call_text):
-                    # Under the grammar only the token budget can stop a call early; a lenient
-                    # reading of the cut-off JSON would invent arguments, so report it instead.
-                    parsed = ParsedReply([], call_text)
-                if not parsed.calls:
-                    # The model began a call but wrote nothing readable: tell it, and let it retry.
-                    self.messages.append({"role": "assistant", "content": before + call_text})
-                    step = ToolStep("", {}, error=UNREADABLE_CALL)
-                    steps.append(step)
-                    self.messages.append(result_message(step))
-                    yield ToolResultEvent("", None, step.error)
-                    continue
+            reply = yield from model_reply(
+                self.engine, self.messages, self.sampling, self.tools, grammar=self.grammar if constrain else None,
+                call_first=constrain and not steps and self.tool_choice == "required",
+                call_max_tokens=self.call_max_tokens, cancel=self._cancel)
+            if reply.usage is not None:
+                self._usage = reply.usage if self._usage is None else self._usage.then(reply.usage)
+            if reply.unreadable:
+                # The model began a call but wrote nothing readable: tell it, and let it retry.
+                self.messages.append({"role": "assistant", "content": reply.text + reply.call_text})
+                step = ToolStep("", {}, error=UNREADABLE_CALL)
+                steps.append(step)
+                self.messages.append(result_message(step))
+                yield ToolResultEvent("", None, step.error)
+                continue
+            if not reply.calls:
+                yield self._finish(reply.text, steps, "max_steps" if told_limit else "answer")
+                return
 
-            self.messages.append(call_message(before, parsed.calls))
+            self.messages.append(call_message(reply.text, reply.calls))
             skipped_any = False
-            for call in parsed.calls:
+            for call in reply.calls:
                 if self._cancel.is_set():  # every call gets its result, so the history stays well formed
                     self.messages.append(result_message(ToolStep(call.name, call.arguments, error=STOPPED_CALL)))
                     continue
@@ -213,64 +179,13 @@ class Agent:
                 self.messages.append(result_message(step, self.max_result_chars))
                 yield ToolResultEvent(step.name, step.result, step.error, call.id, step.seconds)
             if self._cancel.is_set():
-                raise _Stopped("")
+                raise Stopped("")
             if skipped_any:
                 if told_limit:
                     # Told once that the limit was reached, the model still calls tools: stop.
-                    yield self._finish(before, steps, "max_steps", record=False)
+                    yield self._finish(reply.text, steps, "max_steps", record=False)
                     return
                 told_limit = True  # one more turn, in which it can answer
-
-    def _reply(self, constrain: bool) -> Generator[TextDelta, None, tuple[str, int | None]]:
-        """Stream one model reply as TextDeltas; return (text, index where a tool call starts or None).
-
-        Text that might be the beginning of a call marker is held back until it is clear,
-        so the call markup never shows. When the call will be regenerated under the
-        grammar, generation stops as soon as the call starts.
-        """
-        watch = bool(self.tools)
-        chunks = self.engine.stream(self.messages, self.sampling.but(stop=(TOOL_CALL_END,)))
-        text, shown, call_at = "", 0, None
-        try:
-            for chunk in chunks:
-                self._count(chunk)
-                if self._cancel.is_set():
-                    raise _Stopped(text[:shown] if call_at is None else text[:call_at])
-                text += chunk.text
-                if watch and call_at is None:
-                    call_at = find_call_start(text, shown)
-                if call_at is not None:
-                    if call_at > shown:
-                        yield TextDelta(text[shown:call_at])
-                        shown = call_at
-                    if constrain:
-                        break
-                    continue
-                visible = len(text) - (partial_marker_length(text) if watch else 0)
-                if visible > shown:
-                    yield TextDelta(text[shown:visible])
-                    shown = visible
-        finally:
-            chunks.close()  # stops the engine at once when we leave early
-        if call_at is None and len(text) > shown:
-            yield TextDelta(text[shown:])
-        return text, call_at
-
-    def _constrained_call(self, before: str) -> str:
-        """Generate the tool call again under the grammar, continuing `before<|tool_call|>`."""
-        messages = [*self.messages, {"role": "assistant", "content": before + TOOL_CALL_START}]
-        sampling = self.sampling.but(max_tokens=max(self.call_max_tokens, self.sampling.max_tokens),
-                                     grammar=self.grammar)
-        completion = self.engine.generate(messages, sampling)
-        self._count(Chunk("", completion.finish_reason, completion.usage))
-        generated = completion.text
-        # An engine that ignores the continuation may repeat the marker; don't add a second one.
-        return generated if find_call_start(generated) is not None else TOOL_CALL_START + generated
-
-    def _count(self, chunk: Chunk) -> None:
-        """Add a finished request's usage to the turn's."""
-        if chunk.usage is not None:
-            self._usage = chunk.usage if self._usage is None else self._usage.then(chunk.usage)
 
     def _finish(self, text: str, steps: list[ToolStep], reason: str, record: bool = True) -> FinalAnswer:
         answer = text.strip()
