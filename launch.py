@@ -1,5 +1,6 @@
 """Start the app: `python launch.py [--model DIR] [--host H] [--port P] [--threads N] [--ctx N]
-[--share] [--auth user:pass] [--download]`, then open the URL it prints.
+[--share] [--auth user:pass] [--api-key KEY] [--queue N] [--download]`, then open the URL it prints.
+The OpenAI-compatible API is served beside the page, under /v1.
 
 Without --model it uses the converted Phi-4-multimodal in the default model folder
 (app.model_store), downloading and converting it first when it is missing; without network
@@ -27,12 +28,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: all cores)")
     parser.add_argument("--ctx", type=int, default=8192, help="context size in tokens (default 8192)")
     parser.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
-    parser.add_argument("--auth", metavar="USER:PASS", help="require this user name and password")
+    parser.add_argument("--auth", metavar="USER:PASS", help="require this user name and password on the page")
+    parser.add_argument("--api-key", default=os.environ.get("PHI4MM_API_KEY"),
+                        help="require `Authorization: Bearer KEY` on the API under /v1 (default: $PHI4MM_API_KEY)")
+    parser.add_argument("--queue", type=int, default=16,
+                        help="API requests that may wait for the model (default 16; more get 429)")
     parser.add_argument("--download", action="store_true",
                         help="download and convert the full model if it is missing; fail instead of falling back")
     args = parser.parse_args(argv)
     if args.auth and ":" not in args.auth:
         parser.error("--auth takes USER:PASS")
+    if args.queue < 0:
+        parser.error("--queue must be >= 0")
     return args
 
 
@@ -57,8 +64,13 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"Loading {choice.path} ...", flush=True)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    from app.api.server import is_loopback
+
+    if not is_loopback(args.host) and not args.api_key:
+        print(f"warning: the API under /v1 on {args.host} has no --api-key: anyone who can reach this address "
+              f"can use the model", file=sys.stderr)
     serve(choice, host=args.host, port=args.port, n_ctx=args.ctx, n_threads=args.threads, share=args.share,
-          auth=auth, block=True)
+          auth=auth, block=True, api_key=args.api_key, queue=args.queue)
     return 0
 
 

@@ -279,9 +279,10 @@ class LocalEngine:
         window.segments = list(segments)
         return reuse
 
-    def _start(self, messages: list[dict], adapter: str | None) -> tuple[_Window, tuple, Usage]:
+    def _start(self, messages: list[dict] | str, adapter: str | None) -> tuple[_Window, tuple, Usage]:
         t0 = time.perf_counter()
-        prompt = self.template.build(messages)
+        # A string is a raw prompt (OpenAI's /v1/completions): no chat template.
+        prompt = Prompt([messages]) if isinstance(messages, str) else self.template.build(messages)
         adapters = self._resolve_adapter(prompt, adapter)
         segments, encoder_s = self._segments(prompt)
         n = sum(len(s.keys) for s in segments)
@@ -301,7 +302,7 @@ class LocalEngine:
             window, _, usage = self._start(messages, adapter)
             return window.ctx.logits(), usage
 
-    def generate(self, messages: list[dict], sampling: Sampling = Sampling(), *,
+    def generate(self, messages: list[dict] | str, sampling: Sampling = Sampling(), *,
                  adapter: str | None = AUTO) -> Completion:
         """Complete the conversation.
 
@@ -316,7 +317,7 @@ class LocalEngine:
             last = chunk
         return Completion("".join(text), last.finish_reason, last.usage, token_ids)
 
-    def stream(self, messages: list[dict], sampling: Sampling = Sampling(), *,
+    def stream(self, messages: list[dict] | str, sampling: Sampling = Sampling(), *,
                adapter: str | None = AUTO) -> Iterator[Chunk]:
         """Like `generate`, in chunks; closing the iterator stops the generation at once."""
         return self._generate(messages, sampling, adapter, [])
@@ -340,7 +341,7 @@ class LocalEngine:
             return self.speech.num_tokens(round(seconds * self.speech.sample_rate))
         raise PromptError(f"unknown content type {kind!r} (text, image, audio)")
 
-    def _generate(self, messages: list[dict], sampling: Sampling, adapter: str | None,
+    def _generate(self, messages: list[dict] | str, sampling: Sampling, adapter: str | None,
                   token_ids: list[int]) -> Iterator[Chunk]:
         stops = sampling.stop
         with self._lock:

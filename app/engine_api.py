@@ -11,7 +11,8 @@ Messages have the OpenAI-like shape
                                          {"type": "image", "image": PIL.Image | path, "max_crops": n},
                                          {"type": "audio", "audio": (samples, sample_rate) | path}]}
 with roles system, user, assistant and tool. A system message may carry the tools the model can
-call and an assistant message its calls, both in the model's own format, written by app.agents. The local llama.cpp engine (app/engine.py) implements this contract; so can an engine that
+call and an assistant message its calls, both in the model's own format, written by app.agents.
+Instead of messages, a string is a raw prompt: no chat template (OpenAI's /v1/completions). The local llama.cpp engine (app/engine.py) implements this contract; so can an engine that
 talks to a server. Everything an answer cost travels with it, in `Usage`.
 """
 from __future__ import annotations
@@ -166,11 +167,11 @@ class Engine(Protocol):
     def n_ctx(self) -> int:
         """The context length in tokens."""
 
-    def generate(self, messages: list[dict[str, Any]], sampling: Sampling = Sampling(), *,
+    def generate(self, messages: list[dict[str, Any]] | str, sampling: Sampling = Sampling(), *,
                  adapter: str | None = AUTO) -> Completion:
-        """Complete the conversation (a last assistant message is continued)."""
+        """Complete the conversation (a last assistant message is continued), or a raw prompt."""
 
-    def stream(self, messages: list[dict[str, Any]], sampling: Sampling = Sampling(), *,
+    def stream(self, messages: list[dict[str, Any]] | str, sampling: Sampling = Sampling(), *,
                adapter: str | None = AUTO) -> Iterator[Chunk]:
         """Like `generate`, in chunks; closing the iterator stops the generation."""
 

@@ -198,3 +198,19 @@ def test_auth_is_required_when_set(tmp_path):
         assert isinstance(answer, str) and answer
     finally:
         running.close()
+
+
+def test_the_openai_api_is_served_beside_the_page(app):
+    from openai import OpenAI
+
+    from app.conversation import DEFAULT_SYSTEM_PROMPT
+
+    api = OpenAI(base_url=app.url.rstrip("/") + "/v1", api_key="unused")
+    [model] = api.models.list().data
+    question = "What is the capital of France?"
+    answer = api.chat.completions.create(model=model.id, messages=[
+        {"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": question}],
+        temperature=0, max_tokens=1024)
+    # the same engine as the page's chat: the same greedy answer
+    assert answer.choices[0].message.content.strip() == model_answer(app, question)
+    assert client(app.url).predict(question, api_name="/chat") == answer.choices[0].message.content.strip()

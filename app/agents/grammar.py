@@ -39,3 +39,15 @@ def tool_call_grammar(tools: Sequence[Tool]) -> str:
     converter.visit(schema, "calls")
     # The closing tag is optional: Phi-4-mini often ends the turn without it.
     return converter.format_grammar() + f'\nroot ::= calls "{TOOL_CALL_END}"?\n'
+
+
+def json_grammar(schema: dict[str, Any] | None = None) -> str:
+    """GBNF for one JSON value: any object (`schema` None), or one that validates against `schema`
+    (OpenAI's `response_format` json_object / json_schema). Needs llama-cpp-python."""
+    from llama_cpp.llama_grammar import SchemaConverter
+
+    converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    schema = {"type": "object"} if schema is None else json.loads(json.dumps(schema))
+    schema = converter.resolve_refs(schema, "response")
+    converter.visit(schema, "")
+    return converter.format_grammar()
