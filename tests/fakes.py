@@ -58,9 +58,9 @@ class ScriptedEngine:
     def closed_early(self) -> int:
         return sum(self.stopped_early)
 
-    def usage(self, messages: list[dict[str, Any]]) -> Usage:
-        kinds = {p["type"] for m in messages if isinstance(m.get("content"), list) for p in m["content"]
-                 if isinstance(p, dict)}
+    def usage(self, messages: list[dict[str, Any]] | str) -> Usage:
+        kinds = set() if isinstance(messages, str) else {
+            p["type"] for m in messages if isinstance(m.get("content"), list) for p in m["content"] if isinstance(p, dict)}
         return Usage(adapter=adapter_for(frozenset(kinds & {IMAGE, AUDIO})), prompt_tokens=100, cached_tokens=40,
                      encoder_ms=12.0, prefill_ms=600.0, ttft_ms=650.0, completion_tokens=10, decode_ms=500.0)
 

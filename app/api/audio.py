@@ -116,7 +116,7 @@ async def _serve(api: Api, request: Request, task: str) -> Response:
     # request takes its place in line (waiting requests hold nothing).
     samples, duration = await asyncio.to_thread(_decode, data)
 
-    segments, usages = await _transcribe(api, samples, duration, instruction, sampling)
+    segments, usages = await _transcribe(api, request, samples, duration, instruction, sampling)
     for usage in usages:
         api._observe(usage)
     text = " ".join(s.text for s in segments if s.text)
@@ -175,7 +175,7 @@ def _windows(samples: np.ndarray, duration: float) -> list[tuple[float, float, n
     return out
 
 
-async def _transcribe(api: Api, samples: np.ndarray, duration: float, instruction: str,
+async def _transcribe(api: Api, request: Request, samples: np.ndarray, duration: float, instruction: str,
                       sampling: Sampling) -> tuple[list[Segment], list[Usage]]:
     """Every window through the model, in one turn of the engine queue."""
     windows = _windows(samples, duration)
@@ -198,7 +198,7 @@ async def _transcribe(api: Api, samples: np.ndarray, duration: float, instructio
             segments.append(Segment(start, end, "".join(text).strip()))
         emit("reply", Reply(" ".join(s.text for s in segments if s.text)))
 
-    run = Run(api, produce)
+    run = Run(api, produce, request)
     first = await run.start()  # 429 when the queue is full; a refused window is its error
     try:
         await run.collect(first)

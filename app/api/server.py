@@ -36,6 +36,7 @@ from openai.types.chat.chat_completion_chunk import ChoiceDelta, ChoiceDeltaTool
 from openai.types.chat.chat_completion_message_tool_call import ChatCompletionMessageToolCall, Function
 from openai.types.completion_usage import PromptTokensDetails
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.agents import Tool
 from app.agents.grammar import json_grammar, tool_call_grammar
@@ -89,8 +90,8 @@ class Api:
 
     # -- apps -----------------------------------------------------------------------------
 
-    def v1_app(self) -> FastAPI:
-        """The OpenAI routes, to be mounted at /v1."""
+    def v1_app(self, guarded: bool = True) -> ASGIApp:
+        """The OpenAI routes, to be mounted at /v1 (guarded: the API key, the body limit, the counts)."""
         app = self._app()
         app.get("/models")(self.models)
         app.post("/chat/completions")(self.chat_completions)
@@ -98,41 +99,22 @@ class Api:
         from app.api.audio import add_audio_routes
 
         add_audio_routes(app, self)
-        return app
+        return _Guard(app, self) if guarded else app
 
-    def root_app(self) -> FastAPI:
-        """/v1 and the server's own /health and /metrics."""
+    def root_app(self) -> ASGIApp:
+        """/v1 and the server's own /health and /metrics, all behind one guard."""
         app = self._app()
         app.get("/health")(self.health)
         app.get("/metrics")(self.metrics_text)
-        app.mount("/v1", self.v1_app())
-        return app
+        app.mount("/v1", self.v1_app(guarded=False))
+        return _Guard(app, self)
 
     def _app(self) -> FastAPI:
         app = FastAPI(title="phi4mm-local OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
         app.exception_handler(ApiError)(lambda request, e: e.response())
         app.exception_handler(RequestValidationError)(self._invalid)
         app.exception_handler(StarletteHTTPException)(self._http_error)
-        app.middleware("http")(self._guard)
         return app
-
-    async def _guard(self, request: Request, call_next: Callable) -> Response:
-        """API key, body size, and the request counter, for every route."""
-        if self.config.api_key is not None:
-            given = request.headers.get("authorization", "")
-            expected = f"Bearer {self.config.api_key}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
-                return self._count(request, error_response("missing or wrong API key (Authorization: Bearer KEY)",
-                                                           401, code="invalid_api_key"))
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.config.max_body_bytes:
-            return self._count(request, error_response(
-                f"the request body is over {self.config.max_body_bytes // 2**20} MB", 413, code="request_too_large"))
-        return self._count(request, await call_next(request))
-
-    def _count(self, request: Request, response: Response) -> Response:
-        self.metrics.request(request.url.path, response.status_code)
-        return response
 
     @staticmethod
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -189,7 +171,7 @@ class Api:
                     emit("reply", done.value)
                     return
 
-        run = Run(self, produce)
+        run = Run(self, produce, request)
         first = await run.start()
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not body.stream:
@@ -264,12 +246,14 @@ class Api:
                 elif piece.text:
                     emit("text", piece.text)
 
-        run = Run(self, produce)
+        run = Run(self, produce, request)
         first = await run.start()
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def response(text: str, reply: Reply | None, with_usage: bool) -> OpenAICompletion:
-            choices = [CompletionChoice(index=0, text=text, finish_reason=_finish_reason(reply) if reply else None)]
+            # A streamed piece has no finish reason yet, which the openai type does not allow: built unchecked.
+            choices = [CompletionChoice(index=0, text=text, finish_reason=_finish_reason(reply)) if reply
+                       else CompletionChoice.model_construct(index=0, text=text, finish_reason=None, logprobs=None)]
             usage = reply.usage if reply else None
             return OpenAICompletion(id=ident, object="text_completion", created=created, model=self.config.model_name,
                                     choices=choices if not (with_usage and reply is None) else [],
@@ -302,6 +286,83 @@ class Api:
                                     usage.ttft_ms / 1000, usage.decode_tokens_per_s)
 
 
+# -- every request: the key, the body's size, the counts ---------------------------------------
+
+class _Guard:
+    """ASGI middleware in front of the routes: `Authorization: Bearer KEY` when the API has a key
+    (compared in constant time), the body limit (the body is read whole first: a chunked upload
+    has no Content-Length to check), and the request counter of /metrics."""
+
+    def __init__(self, app: ASGIApp, api: Api):
+        self.app, self.api = app, api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope.get("root_path", "") + scope["path"]
+        status = [500]
+
+        async def counted_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            refusal = self._refusal(scope)
+            body = None if refusal is not None else await self._body(receive)
+            if refusal is None and body is None:
+                refusal = self._too_large()
+            if refusal is not None:
+                return await refusal(scope, receive, counted_send)
+            await self.app(scope, _replay(body, receive), counted_send)
+        finally:
+            self.api.metrics.request(route, status[0])
+
+    def _refusal(self, scope: Scope) -> Response | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        key = self.api.config.api_key
+        if key is not None and not hmac.compare_digest(headers.get("authorization", "").encode(),
+                                                       f"Bearer {key}".encode()):
+            return error_response("missing or wrong API key (Authorization: Bearer KEY)", 401, code="invalid_api_key")
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.api.config.max_body_bytes:
+            return self._too_large()
+        return None
+
+    def _too_large(self) -> Response:
+        return error_response(f"the request body is over {self.api.config.max_body_bytes // 2**20} MB", 413,
+                              code="request_too_large")
+
+    async def _body(self, receive: Receive) -> bytes | None:
+        """The whole body, or None past the limit."""
+        parts, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break  # the client went away; the app sees what came
+            parts.append(message.get("body", b""))
+            size += len(parts[-1])
+            if size > self.api.config.max_body_bytes:
+                return None
+            more = message.get("more_body", False)
+        return b"".join(parts)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that hands the app the body read already, then listens to the client again
+    (for its disconnect)."""
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
 # -- one generation, run in a thread of its own ------------------------------------------------
 
 class Run:
@@ -309,14 +370,17 @@ class Run:
 
     `start()` takes the place in line (429 at once when the queue is full) and waits for the
     first event, so that a refused prompt (400, context too long) is still a plain error
-    response, not a broken stream. `cancel()` (a client that went away) stops the generation at
-    its next token and gives up the place in line.
+    response, not a broken stream. A client that goes away, while it waits in line or while its
+    answer is written, streamed or not, cancels the run: the generation stops at its next token
+    and the place in line is given up.
     """
 
-    def __init__(self, api: Api, produce: Callable[[threading.Event, Callable[[str, Any], None]], None]):
-        self.api, self.produce = api, produce
+    def __init__(self, api: Api, produce: Callable[[threading.Event, Callable[[str, Any], None]], None],
+                 request: Request):
+        self.api, self.produce, self.request = api, produce, request
         self.cancelled = threading.Event()
         self._events: asyncio.Queue = asyncio.Queue()
+        self._watcher: asyncio.Task | None = None
 
     async def start(self) -> tuple[str, Any]:
         try:
@@ -340,6 +404,7 @@ class Run:
                 ticket.leave()
                 emit("end", None)
 
+        self._watcher = asyncio.create_task(self._watch_client())
         threading.Thread(target=work, name="api-generation", daemon=True).start()
         try:
             first = await self._events.get()
@@ -347,24 +412,37 @@ class Run:
             self.cancel()
             raise
         if first[0] == "error":
+            self.cancel()
             raise _as_api_error(first[1])
         return first
 
-    def cancel(self) -> None:
+    async def _watch_client(self) -> None:
+        """Cancel the run when the client disconnects (its request body is read by then)."""
+        while (await self.request.receive())["type"] != "http.disconnect":
+            pass
         self.cancelled.set()
+
+    def cancel(self) -> None:
+        """Stop the generation (at its next token) and the watching; safe to call twice."""
+        self.cancelled.set()
+        if self._watcher is not None:
+            self._watcher.cancel()
 
     async def events(self, first: tuple[str, Any]) -> AsyncIterator[tuple[str, Any]]:
         """The text pieces and the final reply; ends after the reply (or quietly when stopped)."""
         event = first
-        while True:
-            kind, value = event
-            if kind in ("text", "reply"):
-                yield event
-            if kind in ("reply", "stopped", "end"):
-                return
-            if kind == "error":
-                raise _as_api_error(value)
-            event = await self._events.get()
+        try:
+            while True:
+                kind, value = event
+                if kind in ("text", "reply"):
+                    yield event
+                if kind in ("reply", "stopped", "end"):
+                    return
+                if kind == "error":
+                    raise _as_api_error(value)
+                event = await self._events.get()
+        finally:
+            self.cancel()
 
     async def collect(self, first: tuple[str, Any]) -> tuple[str, Reply]:
         text, reply = [], None
@@ -378,19 +456,33 @@ class Run:
         return "".join(text), reply
 
 
+class _RunResponse(StreamingResponse):
+    """Server-sent events of a Run, which is cancelled however the response ends (Starlette
+    cancels a stream whose client went away without finishing our generator)."""
+
+    def __init__(self, run: Run, frames: AsyncIterator[str]):
+        super().__init__(frames, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.run = run
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.run.cancel()
+
+
 def _sse(frames: AsyncIterator[str], run: Run) -> StreamingResponse:
     async def guarded() -> AsyncIterator[str]:
         try:
             async for frame in frames:
                 yield frame
-        except ApiError as e:  # after the first event: the stream is open, so the error is a frame
-            yield _frame_dict({"error": {"message": e.message, "type": "server_error", "param": e.param,
-                                         "code": e.code}})
-        finally:
-            run.cancel()  # the client went away, or the stream ended: nothing more to generate
+        except Exception as e:  # after the first event the stream is open: the error is a frame
+            error = _as_api_error(e)
+            yield _frame_dict({"error": {"message": error.message, "type": "server_error", "param": error.param,
+                                         "code": error.code}})
 
-    return StreamingResponse(guarded(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return _RunResponse(run, guarded())
 
 
 def _frame(model: Any) -> str:
