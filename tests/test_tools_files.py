@@ -1,5 +1,7 @@
 """The file tools see the sandbox folder and nothing outside it."""
 import os
+import threading
+import time
 
 import pytest
 
@@ -186,3 +188,116 @@ def test_factory_gives_named_plain_functions(root):
     list_files, read_file = make_file_tools(root)
     assert (list_files.__name__, read_file.__name__) == ("list_files", "read_file")
     assert read_file("hello.txt") == "hello world\n"
+
+
+# --- links and races: nothing outside the sandbox is ever read or listed -----------------
+
+SWAP_SECONDS = 2.0
+MAX_SWAPS = 200_000
+
+
+def _swap_folder_for_symlink_until(stop, sub, outside):
+    """Keep replacing folder `sub` by a symlink to `outside` and back (about 2 s at most)."""
+    parked = sub.with_name(sub.name + "-parked")
+    deadline = time.monotonic() + SWAP_SECONDS
+    swaps = 0
+    while not stop.is_set() and time.monotonic() < deadline and swaps < MAX_SWAPS:
+        os.rename(sub, parked)
+        os.symlink(outside, sub, target_is_directory=True)
+        time.sleep(0)  # let the reader run while the link is there...
+        os.unlink(sub)
+        os.rename(parked, sub)
+        time.sleep(0)  # ...and while the folder is
+        swaps += 1
+
+
+def _race(sandbox_call, sub, outside):
+    """Run sandbox_call in a loop while another thread swaps `sub`; return its results."""
+    stop = threading.Event()
+    swapper = threading.Thread(target=_swap_folder_for_symlink_until, args=(stop, sub, outside))
+    results, refused = [], 0
+    swapper.start()
+    try:
+        while swapper.is_alive():
+            try:
+                results.append(sandbox_call())
+            except (PermissionError, FileNotFoundError, NotADirectoryError):
+                refused += 1  # caught mid-swap: refusing is fine, reading outside is not
+    finally:
+        stop.set()
+        swapper.join()
+    return results, refused
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink") or os.name == "nt", reason="needs POSIX symlinks")
+def test_swapping_a_folder_for_a_symlink_while_reading_never_reads_outside(sandbox, root, outside):
+    (root / "sub").mkdir()
+    (root / "sub" / "secret.txt").write_text("inside")
+    results, refused = _race(lambda: sandbox.read_file("sub/secret.txt"), root / "sub", outside)
+    assert results, "the race never let a read through; the test proves nothing"
+    leaked = [text for text in results if text != "inside"]
+    assert not leaked, f"{len(leaked)} of {len(results) + refused} reads returned another file"
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink") or os.name == "nt", reason="needs POSIX symlinks")
+def test_swapping_a_folder_for_a_symlink_while_listing_never_lists_outside(sandbox, root, outside):
+    (root / "sub").mkdir()
+    (root / "sub" / "inside.txt").write_text("inside")
+    (outside / "only-outside.txt").write_text("x")
+    results, _ = _race(lambda: sandbox.list_files("sub", recursive=True), root / "sub", outside)
+    assert results
+    leaked = [listing for listing in results if any("outside" in entry for entry in listing)]
+    assert not leaked, f"{len(leaked)} listings showed the outside folder: {leaked[0]}"
+
+
+@pytest.mark.skipif(not hasattr(os, "link"), reason="needs hard links")
+def test_hard_link_to_a_file_outside_is_refused(sandbox, root, outside):
+    os.link(outside / "secret.txt", root / "hard.txt")
+    (root / "docs" / "deep").mkdir()
+    os.link(outside / "secret.txt", root / "docs" / "deep" / "hard.txt")
+    for path in ("hard.txt", "docs/deep/hard.txt"):
+        with pytest.raises(PermissionError, match="hard-linked files are not read, they may point "
+                                                  "outside the folder"):
+            sandbox.read_file(path)
+    listing = sandbox.list_files(recursive=True)
+    assert "hard.txt (hard-linked file, not readable)" in listing
+    assert not any("10 bytes" in entry for entry in listing)  # not even the secret's size
+
+
+def test_symlinks_to_outside_are_refused_however_spelled(sandbox, root, outside):
+    (root / "relative-leak.txt").symlink_to(os.path.join("..", "outside", "secret.txt"))
+    (root / "docs" / "nested-leak.txt").symlink_to(outside / "secret.txt")
+    (root / "docs" / "up").symlink_to("..", target_is_directory=True)  # the root itself: fine
+    (root / "docs" / "upup").symlink_to(os.path.join("..", ".."), target_is_directory=True)
+    (root / "hop.txt").symlink_to(root / "docs" / "nested-leak.txt")  # inside, then outside
+    for path in ("relative-leak.txt", "docs/nested-leak.txt", "docs/upup/outside/secret.txt",
+                 "docs/up/docs/up/relative-leak.txt", "hop.txt"):
+        with pytest.raises(PermissionError, match="outside the sandbox"):
+            sandbox.read_file(path)
+    with pytest.raises(PermissionError, match="outside the sandbox"):
+        sandbox.list_files("docs/upup")
+    listing = sandbox.list_files("docs")
+    assert "docs/nested-leak.txt (link outside the sandbox, not readable)" in listing
+    assert "docs/upup (link outside the sandbox, not readable)" in listing
+    assert not any("secret" in entry for entry in sandbox.list_files(recursive=True))
+
+
+def test_links_that_stay_inside_still_work(sandbox, root):
+    (root / "docs" / "back.txt").symlink_to(os.path.join("..", "hello.txt"))
+    (root / "manual").symlink_to("docs", target_is_directory=True)
+    (root / "docs" / "up").symlink_to("..", target_is_directory=True)
+    assert sandbox.read_file("docs/back.txt") == "hello world\n"
+    assert sandbox.read_file("manual/readme.md") == "# Readme\n"
+    assert sandbox.read_file("docs/up/docs/up/hello.txt") == "hello world\n"
+    assert sandbox.list_files("manual") == sandbox.list_files("docs")  # shown by their real paths
+    assert "manual/" in sandbox.list_files()
+    assert "docs/back.txt (12 bytes)" in sandbox.list_files("docs")
+    with pytest.raises(IsADirectoryError, match="use list_files"):
+        sandbox.read_file("docs/up")
+
+
+def test_a_file_used_as_a_folder_is_not_found(sandbox):
+    with pytest.raises(FileNotFoundError):
+        sandbox.read_file("hello.txt/more")
+    with pytest.raises(FileNotFoundError):
+        sandbox.list_files("hello.txt/more")

@@ -1,7 +1,10 @@
 """Notes the assistant keeps for the user, persisted in one local JSON file.
 
 The file is rewritten atomically (temporary file, fsync, os.replace), so a crash
-leaves either the old notes or the new ones, never half a file. A file that is
+leaves either the old notes or the new ones, never half a file. Several processes
+may share the file (the web page and the voice assistant do): every operation holds
+an exclusive lock on "<notes file>.lock" beside it, so read-modify-write cycles of
+different processes never interleave and no note is lost. A file that is
 not a valid notebook is never overwritten: every operation stops with a clear
 error and a copy of the bad file is kept next to it for the user to inspect.
 
@@ -15,6 +18,9 @@ import json
 import os
 import tempfile
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -28,8 +34,45 @@ MAX_TAG_CHARS = 40
 MAX_LISTED = 200
 
 # One lock for every notebook: tools may run in worker threads, and two
-# read-modify-write cycles on the same file must not interleave.
+# read-modify-write cycles on the same file must not interleave. It only works
+# inside one process; the lock file (NoteBook._locked) covers other processes.
 _FILE_LOCK = threading.RLock()
+_HOLDING = threading.local()  # .paths: lock files this thread holds (a nested _locked must not lock again)
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+try:
+    import msvcrt
+except ImportError:  # POSIX
+    msvcrt = None
+
+
+def _lock_fd(fd: int) -> None:
+    """Block until this process holds the exclusive lock on the open lock file `fd`."""
+    if fcntl is not None:
+        # flock locks belong to the open file description: a process that dies
+        # releases them, and two opens of the file in one process exclude each other.
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    elif msvcrt is not None:
+        os.lseek(fd, 0, os.SEEK_SET)  # msvcrt locks bytes from the current position
+        while True:
+            try:
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+                return
+            except OSError:  # held by another process: wait, as flock does
+                time.sleep(0.01)
+    # Elsewhere (neither API exists) only the in-process lock protects the file:
+    # two processes writing notes at the same moment may lose one of the notes.
+
+
+def _unlock_fd(fd: int) -> None:
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    elif msvcrt is not None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
 
 
 class NotesFileCorrupt(ValueError):
@@ -107,6 +150,41 @@ class NoteBook:
 
     # --- storage -------------------------------------------------------------
 
+    @property
+    def lock_path(self) -> Path:
+        """The lock file beside the notes file; it stays there, empty, between uses."""
+        return self.path.with_name(self.path.name + ".lock")
+
+    @contextmanager
+    def _locked(self, create: bool = True) -> Iterator[None]:
+        """Hold the notebook for one operation, against other threads and other processes.
+
+        Deleting or replacing the lock file would let two processes lock different
+        files, so it is created once and never removed. Readers lock too: on Windows
+        os.replace fails while another process has the notes file open, and a reader
+        that finds a damaged file writes the backup copy. With `create` false (reading)
+        a missing folder is not created: there is nothing to read, so nothing to lock.
+        """
+        with _FILE_LOCK:
+            held = _HOLDING.__dict__.setdefault("paths", set())
+            lock_path = self.lock_path.absolute()
+            if lock_path in held or (not create and not self.path.parent.is_dir()):
+                yield
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+            fd = os.open(lock_path, flags, 0o600)
+            try:
+                _lock_fd(fd)
+                held.add(lock_path)
+                try:
+                    yield
+                finally:
+                    held.discard(lock_path)
+                    _unlock_fd(fd)
+            finally:
+                os.close(fd)
+
     def _load(self) -> dict[str, Any]:
         try:
             raw = self.path.read_bytes()
@@ -173,7 +251,7 @@ class NoteBook:
             The saved note with its id.
         """
         text, tags = _clean_text(text), _clean_tags(tags)
-        with _FILE_LOCK:
+        with self._locked():
             data = self._load()
             if len(data["notes"]) >= MAX_NOTES:
                 raise ValueError(f"the notebook is full ({MAX_NOTES} notes); delete some first")
@@ -195,7 +273,7 @@ class NoteBook:
         """
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LISTED:
             raise ValueError(f"limit must be a whole number from 1 to {MAX_LISTED}")
-        with _FILE_LOCK:
+        with self._locked(create=False):
             notes = self._load()["notes"]
         return list(reversed(notes))[:limit]
 
@@ -211,7 +289,7 @@ class NoteBook:
         if not isinstance(query, str) or not query.strip():
             raise ValueError("search query is empty")
         words = query.casefold().split()
-        with _FILE_LOCK:
+        with self._locked(create=False):
             notes = self._load()["notes"]
         matches = []
         for note in reversed(notes):
@@ -230,7 +308,7 @@ class NoteBook:
             A confirmation.
         """
         note_id = _as_note_id(note_id)
-        with _FILE_LOCK:
+        with self._locked():
             data = self._load()
             remaining = [note for note in data["notes"] if note["id"] != note_id]
             if len(remaining) == len(data["notes"]):
