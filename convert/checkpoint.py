@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from convert.safetensors_file import SafetensorsFolder
+from convert.safetensors_file import SafetensorsError, SafetensorsFolder
 
 LAYOUT_REMOTE = "remote-code"
 LAYOUT_NATIVE = "transformers"
@@ -176,6 +176,8 @@ class Checkpoint:
             weights = SafetensorsFolder(folder)
         except FileNotFoundError:
             raise CheckpointError(f"no *.safetensors weights in {folder} (is the download complete?)") from None
+        except SafetensorsError as e:
+            raise CheckpointError(str(e)) from None
         names = weights.names()
         has_inline_lora = any(".lora_A.vision." in n for n in names)
         has_base_layer = any(".base_layer." in n for n in names)
@@ -245,6 +247,8 @@ class Checkpoint:
                 weights = SafetensorsFolder(sub)
             except FileNotFoundError:
                 raise CheckpointError(f"{sub} has no adapter_model.safetensors") from None
+            except SafetensorsError as e:
+                raise CheckpointError(str(e)) from None
             pattern = re.compile(rf"^(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.{name})?\.weight$")
         adapter = LoraAdapter(name=name, rank=rank, alpha=alpha)
         found: dict[str, dict[str, str]] = {}

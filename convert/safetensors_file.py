@@ -19,19 +19,54 @@ _DTYPES = {
 }
 
 
+class SafetensorsError(ValueError):
+    """A .safetensors file that is truncated or corrupt; the message names it."""
+
+
 class SafetensorsFile:
-    """One .safetensors file: tensor names, shapes, and float32 loads on demand."""
+    """One .safetensors file: tensor names, shapes, and float32 loads on demand.
+
+    Opening checks the header and that every tensor lies within the file, so a truncated
+    download fails here with a message instead of deep inside a load."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        size = self.path.stat().st_size
         with open(self.path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > 100 * 1024 * 1024:
-                raise ValueError(f"{self.path}: not a safetensors file (header of {header_len} bytes)")
-            header = json.loads(f.read(header_len))
+            head = f.read(8)
+            if len(head) < 8:
+                raise SafetensorsError(f"{self.path} is not a safetensors file ({size} bytes); "
+                                       f"is the download complete?")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(100 * 1024 * 1024, size - 8):
+                raise SafetensorsError(f"{self.path} is truncated or not a safetensors file (a header of "
+                                       f"{header_len} bytes in a file of {size}); is the download complete?")
+            try:
+                header = json.loads(f.read(header_len))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise SafetensorsError(f"{self.path} is not a safetensors file (its header is not JSON: {e})") from None
+        if not isinstance(header, dict):
+            raise SafetensorsError(f"{self.path} is not a safetensors file (its header is not an object)")
         header.pop("__metadata__", None)
         self._data_start = 8 + header_len
         self._entries: dict[str, dict] = header
+        end = self._data_start
+        for name, entry in header.items():
+            try:
+                dtype, shape, (begin, stop) = entry["dtype"], entry["shape"], entry["data_offsets"]
+                begin, stop = int(begin), int(stop)
+                count = int(np.prod(shape, dtype=np.int64))
+                itemsize = np.dtype(_DTYPES[dtype]).itemsize if dtype in _DTYPES else None
+            except (TypeError, ValueError, KeyError) as e:
+                raise SafetensorsError(f"{self.path} is corrupt: tensor {name!r} has no valid dtype, shape "
+                                       f"and data_offsets ({type(e).__name__}: {e})") from None
+            if not 0 <= begin <= stop or (itemsize is not None and stop - begin != count * itemsize):
+                raise SafetensorsError(f"{self.path} is corrupt: tensor {name!r} of shape {shape} {dtype} "
+                                       f"has data_offsets [{begin}, {stop}]")
+            end = max(end, self._data_start + stop)
+        if end > size:
+            raise SafetensorsError(f"{self.path} is truncated: its tensors need {end} bytes, the file has "
+                                   f"{size}; is the download complete?")
         self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
 
     def names(self) -> list[str]:
@@ -45,7 +80,7 @@ class SafetensorsFile:
         entry = self._entries[name]
         dtype = entry["dtype"]
         if dtype not in _DTYPES:
-            raise ValueError(f"{self.path}: tensor {name} has unsupported dtype {dtype}")
+            raise SafetensorsError(f"{self.path}: tensor {name} has unsupported dtype {dtype}")
         begin, end = entry["data_offsets"]
         raw = self._mmap[self._data_start + begin:self._data_start + end]
         array = raw.view(_DTYPES[dtype]).reshape(entry["shape"])

@@ -14,13 +14,18 @@ A converted folder:
     audio-encoder.gguf    conformer + projectors, architecture `phi4mm-audio` (numpy, model/)
     manifest.json         what is here; written last, so its presence means "complete"
 
+`read_manifest` checks every listed GGUF's header before anything opens it (`check_gguf`): a
+truncated or corrupt file is refused with a message naming it, instead of reaching llama.cpp.
+
 The decoder and its LoRAs use llama.cpp's names (gguf-py's `TENSOR_NAMES`), which llama.cpp
 itself reads; the two encoder files are this project's own and are described in full below.
 """
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,7 +109,7 @@ class Placeholder:
 
 @dataclass(frozen=True)
 class Manifest:
-    """A validated manifest.json: every listed file exists."""
+    """A validated manifest.json: every listed file exists and is a whole GGUF of its kind (check_gguf)."""
     folder: Path
     backbone: Path
     loras: dict[str, Path]               # adapter name -> file
@@ -122,13 +127,19 @@ def is_converted(folder: str | os.PathLike) -> bool:
 
 def write_manifest(folder: str | os.PathLike, *, source: str, layout: str, outtype: str,
                    placeholders: dict[str, Placeholder], lora_alpha: dict[str, float],
-                   lora_rank: dict[str, int], original_context: int, max_context: int) -> dict:
+                   lora_rank: dict[str, int], original_context: int, max_context: int,
+                   under: str | None = None) -> dict:
     """Write manifest.json for a folder holding every file of a conversion: BACKBONE_FILE, one
     `lora_file(adapter)` per adapter of `lora_rank`, and both encoder files. Returns what was written.
 
+    `under`: the files are in that subfolder of `folder` instead (the converter's staging folder,
+    which it lists while it moves a finished conversion into place: convert/pipeline.py).
     Written to a temporary name and renamed, so a reader never sees half a manifest.
     """
     folder = Path(folder)
+    if under is not None and (not under or "/" in under or "\\" in under or under in (".", "..")):
+        raise ValueError(f"under must name a subfolder, not {under!r}")
+    at = (lambda name: f"{under}/{name}") if under else (lambda name: name)
     manifest = {
         ManifestKey.FORMAT: FORMAT_NAME,
         ManifestKey.VERSION: FORMAT_VERSION,
@@ -136,10 +147,10 @@ def write_manifest(folder: str | os.PathLike, *, source: str, layout: str, outty
         ManifestKey.LAYOUT: layout,
         ManifestKey.OUTTYPE: outtype,
         ManifestKey.FILES: {
-            FileKey.BACKBONE: BACKBONE_FILE,
-            FileKey.LORA: {name: lora_file(name) for name in lora_rank},
-            FileKey.VISION_ENCODER: VISION_ENCODER_FILE,
-            FileKey.AUDIO_ENCODER: AUDIO_ENCODER_FILE,
+            FileKey.BACKBONE: at(BACKBONE_FILE),
+            FileKey.LORA: {name: at(lora_file(name)) for name in lora_rank},
+            FileKey.VISION_ENCODER: at(VISION_ENCODER_FILE),
+            FileKey.AUDIO_ENCODER: at(AUDIO_ENCODER_FILE),
         },
         ManifestKey.PLACEHOLDERS: {kind: {PlaceholderKey.TOKEN: p.token, PlaceholderKey.ID: p.id}
                                    for kind, p in placeholders.items()},
@@ -148,13 +159,19 @@ def write_manifest(folder: str | os.PathLike, *, source: str, layout: str, outty
         ManifestKey.CONTEXT: {"original": original_context, "max": max_context},
     }
     tmp = folder / (MANIFEST_FILE + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, folder / MANIFEST_FILE)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(manifest, indent=2))
+        os.replace(tmp, folder / MANIFEST_FILE)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return manifest
 
 
 def read_manifest(folder: str | os.PathLike) -> Manifest:
-    """Read and check `folder`/manifest.json. Raises ManifestError naming the problem and the fix."""
+    """Read and check `folder`/manifest.json, and the header of every GGUF it lists (check_gguf: cheap,
+    no tensor data is read). Raises ManifestError naming the problem and the fix."""
     folder = Path(folder)
     path = folder / MANIFEST_FILE
     rerun = f"{CONVERT_COMMAND} {folder}"
@@ -190,22 +207,27 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
             raise ManifestError(f"{path}: {'.'.join(keys)!r} should be {what}, not {value!r}: rerun {rerun}")
         return value
 
-    def listed(*keys: str, optional: bool = False) -> Path | None:
-        """The file named at `keys`, which must exist."""
+    def listed(*keys: str, arch: str, adapter: bool = False, optional: bool = False) -> Path | None:
+        """The file named at `keys`, which must exist and be a whole GGUF of `arch` (check_gguf)."""
         name = need(*keys, kind=str, what="a file name", optional=optional)
         if name is None:
             return None
+        where = f"(listed in {MANIFEST_FILE} as {'.'.join(keys)!r})"
         if not (folder / name).is_file():
-            raise ManifestError(f"{folder / name} is missing (listed in {MANIFEST_FILE} as {'.'.join(keys)!r}): "
-                                f"rerun {rerun}")
+            raise ManifestError(f"{folder / name} is missing {where}: rerun {rerun}")
+        try:
+            check_gguf(folder / name, arch, adapter=adapter)
+        except GGUFFileError as e:
+            raise ManifestError(f"{folder / name} {where} {e.problem}: rerun {rerun}") from None
         return folder / name
 
     files, placeholders = ManifestKey.FILES, ManifestKey.PLACEHOLDERS
-    backbone = listed(files, FileKey.BACKBONE)
-    loras = {name: listed(files, FileKey.LORA, name) for name in need(files, FileKey.LORA, optional=True) or {}}
+    backbone = listed(files, FileKey.BACKBONE, arch=Arch.DECODER)
+    loras = {name: listed(files, FileKey.LORA, name, arch=Arch.DECODER, adapter=True)
+             for name in need(files, FileKey.LORA, optional=True) or {}}
     # The encoders are optional; the one present needs the id of the placeholder its rows replace.
-    vision_encoder = listed(files, FileKey.VISION_ENCODER, optional=True)
-    audio_encoder = listed(files, FileKey.AUDIO_ENCODER, optional=True)
+    vision_encoder = listed(files, FileKey.VISION_ENCODER, arch=Arch.VISION, optional=True)
+    audio_encoder = listed(files, FileKey.AUDIO_ENCODER, arch=Arch.AUDIO, optional=True)
     needed = [kind for kind, encoder in ((IMAGE, vision_encoder), (AUDIO, audio_encoder)) if encoder is not None]
     placeholder_ids = {kind: need(placeholders, kind, PlaceholderKey.ID, kind=int, what="a token id")
                        for kind in dict.fromkeys([*need(placeholders), *needed])}
@@ -227,6 +249,199 @@ def arch_key(arch: str, key: str) -> str:
     """Where an architecture's metadata `key` is stored: `phi4mm-vision` + `block_count` ->
     `phi4mm-vision.block_count`. The keys below are given without this prefix."""
     return f"{arch}.{key}"
+
+
+# Keys every GGUF of the folder has (gguf-py's Keys.General).
+GENERAL_ARCHITECTURE = "general.architecture"
+GENERAL_TYPE = "general.type"              # ADAPTER_TYPE in the LoRA files
+GENERAL_ALIGNMENT = "general.alignment"    # optional, u32; 32 when absent
+ADAPTER_TYPE = "adapter"
+
+
+# -- GGUF: is a file whole? -----------------------------------------------------------------------
+#
+# llama.cpp can abort the process on a truncated or corrupt file, and numpy fails with "cannot
+# reshape array", so every GGUF is checked before anything opens it. The check reads the header
+# only (through mmap: the pages of tensor data are never touched), and does it with a loop of its
+# own rather than gguf.GGUFReader, which decodes every metadata array element by element: the
+# decoder's 200k-token vocabulary and merges take it tens of seconds; skipping them here takes
+# a fraction of one.
+
+class GGUFFileError(ManifestError):
+    """A GGUF that cannot be used: empty, truncated, corrupt, or another architecture. `problem`
+    is the message without the file's name (`str()` is both)."""
+
+    def __init__(self, path: str | os.PathLike, problem: str, fix: str = ""):
+        self.path, self.problem = Path(path), problem
+        super().__init__(f"{path} {problem}" + (f": {fix}" if fix else ""))
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    """What `read_gguf_header` learnt from a GGUF whose every tensor lies inside the file."""
+    path: Path
+    version: int
+    architecture: str | None     # general.architecture
+    type: str | None             # general.type
+    tensor_count: int
+    size: int                    # bytes
+
+
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
+_GGML_MAX_DIMS = 4
+
+
+class _Cut(Exception):
+    """The header runs past the end of the file."""
+
+
+class _Header:
+    """A cursor over the header of an mmap'ed GGUF (little-endian, versions 2 and 3)."""
+
+    def __init__(self, data: mmap.mmap, size: int):
+        import gguf   # here, not at the top: it costs most of a second to import
+
+        self.data, self.size, self.pos = data, size, 0
+        V = gguf.GGUFValueType
+        self.STRING, self.ARRAY = V.STRING, V.ARRAY
+        self.scalar_size = {V.UINT8: 1, V.INT8: 1, V.BOOL: 1, V.UINT16: 2, V.INT16: 2, V.UINT32: 4,
+                            V.INT32: 4, V.FLOAT32: 4, V.UINT64: 8, V.INT64: 8, V.FLOAT64: 8}
+        self.quant_sizes = gguf.GGML_QUANT_SIZES   # type -> (block size, bytes per block)
+        self.alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+
+    def take(self, n: int) -> int:
+        start = self.pos
+        if start + n > self.size:
+            raise _Cut
+        self.pos = start + n
+        return start
+
+    def u32(self) -> int:
+        return _U32.unpack_from(self.data, self.take(4))[0]
+
+    def u64(self) -> int:
+        return _U64.unpack_from(self.data, self.take(8))[0]
+
+    def string(self) -> bytes:
+        n = self.u64()
+        start = self.take(n)
+        return self.data[start:start + n]
+
+    def skip(self, kind: int) -> None:
+        """Step over one value of GGUFValueType `kind`."""
+        if kind in self.scalar_size:
+            self.take(self.scalar_size[kind])
+        elif kind == self.STRING:
+            self.take(self.u64())
+        elif kind == self.ARRAY:
+            item, count = self.u32(), self.u64()
+            if item in self.scalar_size:
+                self.take(count * self.scalar_size[item])
+            elif item == self.STRING:   # the vocabulary: 200k of them, so the loop is kept tight
+                data, size, pos, unpack = self.data, self.size, self.pos, _U64.unpack_from
+                for _ in range(count):
+                    if pos + 8 > size:
+                        raise _Cut
+                    pos += 8 + unpack(data, pos)[0]
+                if pos > size:
+                    raise _Cut
+                self.pos = pos
+            elif item == self.ARRAY:
+                for _ in range(count):
+                    self.skip(self.ARRAY)
+            else:
+                raise ValueError(f"an array of unknown value type {item}")
+        else:
+            raise ValueError(f"a value of unknown type {kind}")
+
+
+def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
+    """Parse `path`'s GGUF header and check that every tensor's data lies within the file. Reads
+    no tensor data. Raises GGUFFileError naming the file and what is wrong with it."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            raise GGUFFileError(path, "is empty")
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _read_header(path, data, size)
+    except OSError as e:
+        raise GGUFFileError(path, f"cannot be read ({e.strerror or e})") from None
+
+
+def _read_header(path: Path, data: mmap.mmap, size: int) -> GGUFHeader:
+    h = _Header(data, size)
+    magic = bytes(data[:4])
+    if magic != b"GGUF":
+        raise GGUFFileError(path, f"is not a GGUF file (it begins with {magic!r}, not b'GGUF')")
+    try:
+        h.take(4)
+        version = h.u32()
+        if version & 0xFFFF == 0:
+            raise GGUFFileError(path, "is a big-endian GGUF, which this machine cannot load")
+        if version not in (2, 3):
+            raise GGUFFileError(path, f"is GGUF version {version}; versions 2 and 3 are read")
+        tensor_count, kv_count = h.u64(), h.u64()
+        wanted = {GENERAL_ARCHITECTURE: h.STRING, GENERAL_TYPE: h.STRING}
+        found: dict[str, object] = {}
+        for _ in range(kv_count):
+            key = h.string().decode("utf-8")
+            kind = h.u32()
+            if wanted.get(key) == kind:
+                found[key] = h.string().decode("utf-8")
+            elif key == GENERAL_ALIGNMENT and kind == 4:   # GGUFValueType.UINT32
+                h.alignment = h.u32()
+                if h.alignment == 0 or h.alignment & (h.alignment - 1):
+                    raise ValueError(f"{GENERAL_ALIGNMENT} {h.alignment} is not a power of two")
+            else:
+                h.skip(kind)
+        tensors = []
+        for _ in range(tensor_count):
+            name = h.string().decode("utf-8")
+            n_dims = h.u32()
+            if not 1 <= n_dims <= _GGML_MAX_DIMS:
+                raise ValueError(f"tensor {name!r} has {n_dims} dimensions")
+            dims = [h.u64() for _ in range(n_dims)]
+            kind, offset = h.u32(), h.u64()
+            if kind not in h.quant_sizes:
+                raise ValueError(f"tensor {name!r} has unknown type {kind}")
+            block, block_bytes = h.quant_sizes[kind]
+            if dims[0] % block:
+                raise ValueError(f"tensor {name!r}: {dims[0]} values per row do not fill blocks of {block}")
+            n = 1
+            for d in dims:
+                n *= d
+            tensors.append((name, offset, n // block * block_bytes))
+    except _Cut:
+        raise GGUFFileError(path, f"is truncated or corrupt: its header runs past the end of the file "
+                                  f"({size} bytes)") from None
+    except GGUFFileError:
+        raise
+    except (ValueError, RecursionError) as e:   # UnicodeDecodeError included; arrays nested without end
+        raise GGUFFileError(path, f"is corrupt: {e}") from None
+    start = -(-h.pos // h.alignment) * h.alignment    # tensor data begins at the next aligned offset
+    for name, offset, nbytes in tensors:
+        if offset % h.alignment:
+            raise GGUFFileError(path, f"is corrupt: tensor {name!r} is not aligned to {h.alignment} bytes")
+        if start + offset + nbytes > size:
+            raise GGUFFileError(path, f"is truncated: tensor {name!r} ends at byte {start + offset + nbytes}, "
+                                      f"but the file has {size} bytes")
+    return GGUFHeader(path=path, version=version, architecture=found.get(GENERAL_ARCHITECTURE),
+                      type=found.get(GENERAL_TYPE), tensor_count=len(tensors), size=size)
+
+
+def check_gguf(path: str | os.PathLike, arch: str, adapter: bool = False) -> GGUFHeader:
+    """`read_gguf_header`, and the file is of architecture `arch` (an Arch) and a LoRA adapter
+    (general.type = adapter) exactly when `adapter`. Raises GGUFFileError."""
+    header = read_gguf_header(path)
+    if header.architecture != arch:
+        raise GGUFFileError(path, f"has {GENERAL_ARCHITECTURE} {header.architecture!r}, not {arch!r}")
+    if adapter and header.type != ADAPTER_TYPE:
+        raise GGUFFileError(path, f"is not a LoRA adapter ({GENERAL_TYPE} is {header.type!r}, not "
+                                  f"{ADAPTER_TYPE!r})")
+    if not adapter and header.type == ADAPTER_TYPE:
+        raise GGUFFileError(path, f"is a LoRA adapter ({GENERAL_TYPE} {ADAPTER_TYPE!r}), not a model")
+    return header
 
 
 class VisionKey:

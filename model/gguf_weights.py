@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import gguf
 import numpy as np
 
-from model.format import arch_key
+from model.format import CONVERT_COMMAND, GGUFFileError, arch_key, read_gguf_header
 
 
 @dataclass
@@ -42,14 +43,25 @@ def _field_value(field: gguf.ReaderField) -> object:
 
 
 def load_gguf(path: str | os.PathLike) -> GGUFWeights:
-    """All tensors dequantized to float32, shaped as numpy/PyTorch arrays."""
-    reader = gguf.GGUFReader(path)
-    metadata = {name: _field_value(field) for name, field in reader.fields.items()
-                if not name.startswith("GGUF.")}
-    tensors = {}
-    for t in reader.tensors:
-        shape = tuple(int(n) for n in reversed(t.shape))  # ggml ne order -> numpy order
-        data = gguf.quants.dequantize(t.data, t.tensor_type)
-        tensors[t.name] = np.asarray(data, dtype=np.float32).reshape(shape)
+    """All tensors dequantized to float32, shaped as numpy/PyTorch arrays.
+
+    A truncated or corrupt file raises GGUFFileError naming it (the header is checked first:
+    gguf's reader would fail on it with numpy's "cannot reshape array")."""
+    path = Path(path)
+    fix = f"rerun {CONVERT_COMMAND} {path.parent}"
+    try:
+        read_gguf_header(path)
+        reader = gguf.GGUFReader(path)
+        metadata = {name: _field_value(field) for name, field in reader.fields.items()
+                    if not name.startswith("GGUF.")}
+        tensors = {}
+        for t in reader.tensors:
+            shape = tuple(int(n) for n in reversed(t.shape))  # ggml ne order -> numpy order
+            data = gguf.quants.dequantize(t.data, t.tensor_type)
+            tensors[t.name] = np.asarray(data, dtype=np.float32).reshape(shape)
+    except GGUFFileError as e:
+        raise GGUFFileError(path, e.problem, fix) from None
+    except (ValueError, KeyError, IndexError, UnicodeDecodeError) as e:
+        raise GGUFFileError(path, f"cannot be read as a GGUF ({type(e).__name__}: {e})", fix) from None
     arch = str(metadata.get("general.architecture", ""))
     return GGUFWeights(arch=arch, metadata=metadata, tensors=tensors)

@@ -1,10 +1,15 @@
 """The converter: both layouts, what it writes, and clear errors on bad input."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import gguf
 import llama_cpp
@@ -14,7 +19,7 @@ import pytest
 from convert.checkpoint import CheckpointError
 from convert.pipeline import convert_checkpoint
 from convert.safetensors_file import SafetensorsFile, save_safetensors
-from model.format import AUDIO, IMAGE, AudioKey, read_manifest
+from model.format import AUDIO, IMAGE, AudioKey, ManifestError, read_manifest
 from model.gguf_weights import load_gguf
 from tests.tiny_checkpoint import build_reference, save_native, save_remote_code
 
@@ -144,9 +149,62 @@ def test_clear_errors_on_bad_input(native, remote, tmp_path):
     assert run.returncode == 2 and run.stderr.startswith("error: no config.json")
 
 
-def test_interrupted_conversion_leaves_nothing_that_looks_complete(native, tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    convert_checkpoint(native, out, "f32", quiet=True)   # a finished earlier run
+def _one_line_failure(*args):
+    """`python -m convert *args`: exit code 2 and one line on stderr, no traceback. Returns the line."""
+    run = subprocess.run([sys.executable, "-m", "convert", *map(str, args), "--quiet"], capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+    return run.stderr.strip()
+
+
+@pytest.mark.parametrize("cut", ["model.safetensors", "speech-lora/adapter_model.safetensors"])
+def test_a_truncated_safetensors_file_is_one_clear_line(native, tmp_path, cut):
+    src = _copy(native, tmp_path / "src")
+    data = (src / cut).read_bytes()
+    (src / cut).write_bytes(data[:len(data) // 2])
+    line = _one_line_failure(src, tmp_path / "out")
+    assert f"{src / cut} is truncated" in line and "is the download complete?" in line
+    assert not (tmp_path / "out").exists()
+    (src / cut).write_bytes(data[:5])
+    assert f"{src / cut} is not a safetensors file" in _one_line_failure(src, tmp_path / "out")
+    (src / cut).write_bytes(b"\xff" * 64)
+    assert f"{src / cut} is truncated or not a safetensors file" in _one_line_failure(src, tmp_path / "out")
+
+
+def test_out_being_a_file_is_one_clear_line(native, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    assert _one_line_failure(native, tmp_path / "file") == f"error: {tmp_path / 'file'} exists and is not a folder: " \
+                                                           f"give the folder to write the model into"
+    assert "a file is in the way" in _one_line_failure(native, tmp_path / "file" / "model")
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def _files(folder) -> dict:
+    """Every file under `folder` (relative path -> bytes hash)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _leftovers(folder) -> list:
+    return [p.name for p in folder.rglob("*")
+            if p.name.startswith(".converting-") or p.name.endswith((".tmp", ".partial"))]
+
+
+MODEL_FILES = {"manifest.json", "backbone.gguf", "lora-vision.gguf", "lora-speech.gguf", "vision-encoder.gguf",
+               "audio-encoder.gguf"}
+
+
+@pytest.fixture(scope="module")
+def old_model(native, tmp_path_factory):
+    """A finished f32 conversion, copied by each test that converts over it."""
+    out = tmp_path_factory.mktemp("old") / "model"
+    convert_checkpoint(native, out, "f32", quiet=True)
+    return out
+
+
+def test_interrupted_conversion_keeps_the_old_model(native, old_model, tmp_path, monkeypatch):
+    out = _copy(old_model, tmp_path / "out")
+    before = _files(out)
     import convert.checkpoint as ck
     real_load = ck.Checkpoint.load
     calls = {"n": 0}
@@ -159,9 +217,132 @@ def test_interrupted_conversion_leaves_nothing_that_looks_complete(native, tmp_p
 
     monkeypatch.setattr(ck.Checkpoint, "load", failing_load)
     with pytest.raises(KeyboardInterrupt):
-        convert_checkpoint(native, out, "f32", quiet=True)
-    assert not (out / "manifest.json").exists()   # the folder no longer claims to be complete
-    assert not list(out.glob("*.tmp"))
+        convert_checkpoint(native, out, "f16", quiet=True)
+    assert _files(out) == before          # the old model, untouched, and nothing else
+    assert read_manifest(out).outtype == "f32"
+
+
+def test_a_failed_reconversion_keeps_the_old_model_loadable(native, old_model, tmp_path, monkeypatch):
+    out = _copy(old_model, tmp_path / "out")
+    before = _files(out)
+    import convert.pipeline as pipeline
+    written = []
+
+    def full_disk(*args, **kwargs):
+        written.extend(p.name for p in out.rglob("*.gguf"))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "write_audio_encoder", full_disk)   # the last file written
+    with pytest.raises(OSError, match="No space left"):
+        convert_checkpoint(native, out, "q8_0", quiet=True)
+    assert "backbone.gguf" in written and len(written) > len(MODEL_FILES) - 1   # new files were staged by then
+    assert _files(out) == before
+    m = read_manifest(out)
+    assert m.outtype == "f32" and m.backbone == out / "backbone.gguf"
+    # and a fresh folder is not left behind, empty, either
+    with pytest.raises(OSError):
+        convert_checkpoint(native, tmp_path / "fresh", "f32", quiet=True)
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_a_swap_cut_short_leaves_the_new_model(native, old_model, tmp_path, monkeypatch):
+    """Killed while the new files take their final names: the manifest lists the staged ones."""
+    out = _copy(old_model, tmp_path / "out")
+    import convert.pipeline as pipeline
+    real_place, placed = pipeline._place, []
+
+    def place_then_die(src, dst):
+        if len(placed) == 2:
+            raise KeyboardInterrupt
+        placed.append(dst.name)
+        real_place(src, dst)
+
+    monkeypatch.setattr(pipeline, "_place", place_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        convert_checkpoint(native, out, "f16", quiet=True)
+    m = read_manifest(out)                  # the new model, complete, where it was staged
+    assert m.outtype == "f16" and m.backbone.parent.name.startswith(".converting-")
+    assert llama_cpp.Llama(str(m.backbone), n_ctx=64, verbose=False)
+    monkeypatch.setattr(pipeline, "_place", real_place)
+    convert_checkpoint(native, out, "f16", quiet=True)
+    assert set(_files(out)) == MODEL_FILES and read_manifest(out).backbone == out / "backbone.gguf"
+
+
+def test_leftovers_are_removed_but_not_a_live_conversions(native, old_model, tmp_path):
+    out = _copy(old_model, tmp_path / "out")
+    for name in ("backbone.f16.gguf.partial", "backbone.gguf.tmp", "manifest.json.tmp"):
+        (out / name).write_bytes(b"x")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / f".converting-{int(dead.stdout)}").mkdir()
+    (out / f".converting-{int(dead.stdout)}" / "backbone.gguf.tmp").write_bytes(b"x")
+    live = out / f".converting-{os.getppid()}"   # the process that runs pytest: alive
+    live.mkdir()
+    (out / "notes.txt").write_text("mine")       # not the converter's: kept
+    convert_checkpoint(native, out, "f32", quiet=True)
+    assert set(_files(out)) == MODEL_FILES | {"notes.txt"}
+    assert live.is_dir()
+
+
+KILLABLE = """
+import pathlib, sys, time
+import convert.pipeline as pipeline
+real_quantize = pipeline.quantize
+
+def slow_quantize(src, dst, outtype):
+    pathlib.Path(sys.argv[1]).write_text(str(src))   # the f16 decoder is written: kill me now
+    time.sleep(120)
+    return real_quantize(src, dst, outtype)
+
+pipeline.quantize = slow_quantize
+from convert.__main__ import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _start_and_stop(native, out, flag, sig):
+    """`python -m convert native out --outtype q8_0`, stopped by `sig` once it has written files."""
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(flag), str(native), str(out), "--outtype", "q8_0",
+                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not flag.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the conversion never reached the quantiser"
+        time.sleep(0.05)
+    partial = Path(flag.read_text())
+    assert partial.name == "backbone.f16.gguf.partial" and partial.parent.parent == out and partial.exists()
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    return proc.returncode, stderr
+
+
+@pytest.mark.parametrize("over_a_model", [True, False])
+def test_a_killed_conversion_leaves_nothing_that_looks_new(native, old_model, tmp_path, over_a_model):
+    out = _copy(old_model, tmp_path / "out") if over_a_model else tmp_path / "out"
+    before = _files(out) if over_a_model else None
+    code, _ = _start_and_stop(native, out, tmp_path / "flag", signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    if over_a_model:
+        assert read_manifest(out).outtype == "f32"
+        assert {k: v for k, v in _files(out).items() if "/" not in k} == before   # the old files, as they were
+    else:
+        with pytest.raises(ManifestError, match="manifest.json not found"):
+            read_manifest(out)
+    assert _leftovers(out)       # the dead conversion's staging folder, with the partial f16 decoder
+
+    # the next run, with another outtype, succeeds and leaves nothing behind
+    run = subprocess.run([sys.executable, "-m", "convert", str(native), str(out), "--outtype", "f16", "--quiet"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert read_manifest(out).outtype == "f16"
+    assert set(_files(out)) == MODEL_FILES and not _leftovers(out)
+
+
+def test_a_terminated_conversion_cleans_up_at_once(native, old_model, tmp_path):
+    out = _copy(old_model, tmp_path / "out")
+    before = _files(out)
+    code, stderr = _start_and_stop(native, out, tmp_path / "flag", signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM and stderr.startswith("terminated: ") and "Traceback" not in stderr
+    assert _files(out) == before and read_manifest(out).outtype == "f32"
 
 
 def _respelled(native, folder, image_token="<|image|>", audio_token="<|audio|>"):

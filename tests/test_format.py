@@ -14,21 +14,41 @@ import pytest
 from convert.audio_encoder import write_audio_encoder
 from convert.vision_encoder import write_vision_encoder
 from model.format import (
-    AUDIO, IMAGE, MANIFEST_FILE, Arch, AudioKey, Manifest, ManifestError, Placeholder, VisionKey, arch_key,
-    is_converted, read_manifest, write_manifest,
+    AUDIO, IMAGE, MANIFEST_FILE, Arch, AudioKey, GGUFFileError, Manifest, ManifestError, Placeholder, VisionKey,
+    arch_key, check_gguf, is_converted, read_gguf_header, read_manifest, write_manifest,
 )
 from model.gguf_weights import GGUFWeights, load_gguf
 from model.speech_encoder import SpeechEncoder
 from model.vision_encoder import VisionEncoder
 
-FILES = ("backbone.gguf", "lora-vision.gguf", "lora-speech.gguf", "vision-encoder.gguf", "audio-encoder.gguf")
+# file -> (general.architecture, LoRA adapter?)
+FILES = {"backbone.gguf": (Arch.DECODER, False), "lora-vision.gguf": (Arch.DECODER, True),
+         "lora-speech.gguf": (Arch.DECODER, True), "vision-encoder.gguf": (Arch.VISION, False),
+         "audio-encoder.gguf": (Arch.AUDIO, False)}
+
+
+def stand_in_gguf(path, arch, adapter=False, tensors=None):
+    """A small but whole GGUF of `arch` (a LoRA adapter when `adapter`); uint8 tensors are q8_0 blocks."""
+    w = gguf.GGUFWriter(path, arch=arch)
+    if adapter:
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_token_list([f"t{i}".encode() for i in range(50)])   # a string array to step over
+    for name, array in (tensors or {"a.weight": np.arange(64, dtype=np.float32).reshape(8, 8),
+                                    "b.bias": np.ones(5, np.float32)}).items():
+        w.add_tensor(name, array, raw_dtype=gguf.GGMLQuantizationType.Q8_0 if array.dtype == np.uint8 else None)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
 
 
 def converted_folder(folder):
-    """A folder as the converter leaves it (empty stand-ins for the GGUFs); returns the manifest dict."""
+    """A folder as the converter leaves it (small stand-ins for the GGUFs); returns the manifest dict."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name in FILES:
-        (folder / name).write_bytes(b"")
+    for name, (arch, adapter) in FILES.items():
+        stand_in_gguf(folder / name, arch, adapter)
     return write_manifest(folder, source="/checkpoints/phi4", layout="transformers", outtype="q4_k_m",
                           placeholders={IMAGE: Placeholder("<|image|>", 200010), AUDIO: Placeholder("<|audio|>", 200011)},
                           lora_alpha={"vision": 512.0, "speech": 640.0}, lora_rank={"vision": 256, "speech": 320},
@@ -139,6 +159,109 @@ def test_missing_listed_file_is_named(tmp_path):
     (tmp_path / "lora-speech.gguf").unlink()
     message = one_line_error(tmp_path)
     assert f"{tmp_path / 'lora-speech.gguf'} is missing (listed in manifest.json as 'files.lora.speech')" in message
+
+
+def test_a_manifest_may_list_files_in_a_subfolder(tmp_path):
+    """The converter's staging step: the manifest lists the finished files where they are."""
+    converted_folder(tmp_path / ".converting-1")
+    written = converted_folder(tmp_path)
+    (tmp_path / MANIFEST_FILE).unlink()
+    staged = write_manifest(tmp_path, **_fields(written), under=".converting-1")
+    assert staged["files"]["backbone"] == ".converting-1/backbone.gguf"
+    m = read_manifest(tmp_path)
+    assert m.backbone == tmp_path / ".converting-1" / "backbone.gguf"
+    assert m.loras["speech"] == tmp_path / ".converting-1" / "lora-speech.gguf"
+    with pytest.raises(ValueError):
+        write_manifest(tmp_path, **_fields(written), under="../elsewhere")
+
+
+def _fields(raw):
+    """write_manifest's arguments from a manifest dict it wrote."""
+    return dict(source=raw["source"], layout=raw["layout"], outtype=raw["outtype"],
+                placeholders={k: Placeholder(v["token"], v["id"]) for k, v in raw["placeholders"].items()},
+                lora_alpha=raw["lora_alpha"], lora_rank=raw["lora_rank"],
+                original_context=raw["context"]["original"], max_context=raw["context"]["max"])
+
+
+# -- the GGUF files a manifest lists --------------------------------------------------------------
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2] if len(data) < 2000 else data[:-1000])
+
+
+def _garbage(path):
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+
+
+def _empty(path):
+    path.write_bytes(b"")
+
+
+def _header_only(path):
+    """Cut inside the key/values: the header itself runs past the end."""
+    path.write_bytes(path.read_bytes()[:100])
+
+
+DAMAGE = {"truncated": (_truncate, "is truncated"), "garbage": (_garbage, "is not a GGUF file"),
+          "empty": (_empty, "is empty"), "header cut": (_header_only, "is truncated or corrupt")}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+@pytest.mark.parametrize("name,key", [("backbone.gguf", "files.backbone"), ("lora-vision.gguf", "files.lora.vision"),
+                                      ("lora-speech.gguf", "files.lora.speech"),
+                                      ("vision-encoder.gguf", "files.vision_encoder"),
+                                      ("audio-encoder.gguf", "files.audio_encoder")])
+def test_a_damaged_gguf_is_named(tmp_path, name, key, damage):
+    converted_folder(tmp_path)
+    # a big last tensor, so that cutting 1000 bytes lands in tensor data, past a whole header
+    arch, adapter = FILES[name]
+    stand_in_gguf(tmp_path / name, arch, adapter, {"w": np.zeros((40, 64), np.float32)})
+    read_manifest(tmp_path)
+    spoil, problem = DAMAGE[damage]
+    spoil(tmp_path / name)
+    message = one_line_error(tmp_path)
+    assert message.startswith(f"{tmp_path / name} (listed in manifest.json as {key!r}) {problem}"), message
+    assert message.endswith(f"rerun python -m convert CHECKPOINT {tmp_path}")
+
+
+@pytest.mark.parametrize("name,arch,adapter,problem", [
+    ("backbone.gguf", "llama", False, "has general.architecture 'llama', not 'phi3'"),
+    ("backbone.gguf", Arch.DECODER, True, "is a LoRA adapter (general.type 'adapter'), not a model"),
+    ("lora-vision.gguf", Arch.DECODER, False, "is not a LoRA adapter (general.type is None, not 'adapter')"),
+    ("vision-encoder.gguf", Arch.AUDIO, False, "has general.architecture 'phi4mm-audio', not 'phi4mm-vision'"),
+    ("audio-encoder.gguf", Arch.VISION, False, "has general.architecture 'phi4mm-vision', not 'phi4mm-audio'"),
+])
+def test_a_gguf_of_another_kind_is_named(tmp_path, name, arch, adapter, problem):
+    converted_folder(tmp_path)
+    stand_in_gguf(tmp_path / name, arch, adapter)
+    assert f"{tmp_path / name} (listed in manifest.json as " in one_line_error(tmp_path)
+    assert problem in one_line_error(tmp_path)
+
+
+def test_gguf_header_is_read_without_tensor_data(tmp_path):
+    path = stand_in_gguf(tmp_path / "x.gguf", Arch.VISION, tensors={
+        "f16": np.ones((4, 32), np.float16), "q": gguf.quants.quantize(np.ones((16, 32), np.float32), gguf.GGMLQuantizationType.Q8_0)})  # 544 bytes: no padding after
+    header = read_gguf_header(path)
+    assert (header.architecture, header.type, header.tensor_count) == (Arch.VISION, None, 2)
+    assert check_gguf(path, Arch.VISION) == header
+    data = path.read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[:-1])     # one byte short of the last tensor
+    with pytest.raises(GGUFFileError, match=r"cut.gguf is truncated: tensor 'q' ends at byte \d+, but the file has"):
+        read_gguf_header(tmp_path / "cut.gguf")
+    with pytest.raises(GGUFFileError, match="no-such.gguf cannot be read"):
+        read_gguf_header(tmp_path / "no-such.gguf")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_load_gguf_names_a_damaged_file(tmp_path, damage):
+    path = stand_in_gguf(tmp_path / "audio-encoder.gguf", Arch.AUDIO, tensors={"w": np.zeros((40, 64), np.float32)})
+    DAMAGE[damage][0](path)
+    with pytest.raises(GGUFFileError) as caught:
+        load_gguf(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path} {DAMAGE[damage][1]}") and "reshape" not in message
+    assert message.endswith(f"rerun python -m convert CHECKPOINT {tmp_path}")
 
 
 # -- encoder GGUF names: what convert/ writes is what model/ reads ---------------------------------
