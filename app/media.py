@@ -4,6 +4,7 @@ Every front end (the Gradio page, the voice assistant, an HTTP API that receives
 reads media through here, so they accept the same formats and fail the same way:
 
     image = read_image("photo.jpg")              # or read_image(raw_bytes)
+    info = image_info("anim.gif")                # width, height, format, frames: the header alone
     samples, rate = read_audio("question.flac")  # float32 in [-1, 1], (n,) or (n, channels)
     image = load_image_file(path)                # the same, cached while the file is unchanged
 
@@ -26,6 +27,7 @@ import os
 import re
 import struct
 import threading
+from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Iterator, TypeVar, Union
 
 import numpy as np
@@ -80,8 +82,9 @@ def read_image(source: Source) -> Image.Image:
     The mode is the file's own (RGB, RGBA, L, P, ...), not converted: the vision encoder
     composites transparency onto white as transformers does (model/image_crops.py `to_rgb`),
     which a conversion to RGB here would lose. The image is turned upright by its EXIF
-    orientation, as browsers show it (transformers' `load_image` does the same). Animated
-    images give their first frame.
+    orientation, as browsers show it (transformers' `load_image` does the same). An animated
+    or multi-page image gives its first frame: `image_info` tells how many there are, so that a
+    front end can say so (`ImageInfo.note`).
     """
     with _opened_image(source) as image:
         image.load()
@@ -89,14 +92,84 @@ def read_image(source: Source) -> Image.Image:
         return ImageOps.exif_transpose(image)
 
 
-def image_size(source: Source) -> tuple[int, int]:
-    """(width, height) of the image as `read_image` returns it, from the header alone."""
+@dataclass(frozen=True)
+class ImageInfo:
+    """What `image_info` reads from an image's header."""
+    width: int    # as `read_image` returns the image: after its EXIF rotation
+    height: int
+    format: str   # Pillow's name: PNG, JPEG, MPO (a camera JPEG holding several pictures), GIF, WEBP...
+    frames: int   # frames of an animation, pages of a TIFF, pictures of an MPO; 1 for a still image
+
+    @property
+    def animated(self) -> bool:
+        """More than one frame, of which the model sees only the first. Not an MPO: its first
+        picture is the photo itself, the others are previews or a stereo pair's second view."""
+        return self.frames > 1 and self.format != "MPO"
+
+    @property
+    def note(self) -> str | None:
+        """What a front end should tell the user about the image, or None: e.g. "animated GIF
+        (12 frames): the model sees its first frame"."""
+        if not self.animated:
+            return None
+        if self.format == "TIFF":
+            return f"multi-page TIFF ({self.frames} pages): the model sees its first page"
+        name = {"WEBP": "WebP"}.get(self.format, self.format)
+        return f"animated {name} ({self.frames} frames): the model sees its first frame"
+
+
+def image_info(source: Source) -> ImageInfo:
+    """Size (after EXIF rotation, as `read_image` returns the image), format and frame count of
+    the image in `source`, from its headers: no pixel is decoded. Same errors as `read_image`
+    for data that is not an image, or too large a one."""
     with _opened_image(source) as image:
         width, height = image.size
         # EXIF orientations 5-8 are quarter turns: read_image swaps the sides.
-        if image.getexif().get(0x0112) in (5, 6, 7, 8):
+        if _exif_of(image).get(0x0112) in (5, 6, 7, 8):
             width, height = height, width
-        return width, height
+        # GIF counts its frames by walking their headers (skipping the pixel data), up to where
+        # the file ends; the other formats say it in a header.
+        frames = getattr(image, "n_frames", 1)
+        return ImageInfo(width=width, height=height, format=image.format or "", frames=int(frames))
+
+
+def image_size(source: Source) -> tuple[int, int]:
+    """(width, height) of the image as `read_image` returns it, from the header alone."""
+    info = image_info(source)
+    return info.width, info.height
+
+
+def _exif_of(image: Image.Image) -> Image.Exif:
+    """The image's EXIF without decoding it. Pillow's PNG reader decodes the whole image to
+    look for an EXIF chunk after the pixel data; here the chunk headers are walked instead, and
+    only a PNG that has such a chunk is decoded."""
+    if image.format == "PNG" and "exif" not in image.info and not _png_has_late_exif(image.fp):
+        return Image.Image.getexif(image)  # what the chunks before the pixel data hold
+    return image.getexif()
+
+
+def _png_has_late_exif(stream: BinaryIO) -> bool:
+    """Whether a PNG holds EXIF after its first IDAT chunk (where Pillow's header reading stops):
+    an eXIf chunk, or ImageMagick's "Raw profile type exif" text chunk."""
+    position = stream.tell()
+    try:
+        at, seen_idat = 8, False  # after the PNG signature
+        while True:
+            stream.seek(at)
+            header = stream.read(8)
+            if len(header) < 8 or header[4:] == b"IEND":
+                return False
+            length, kind = struct.unpack(">I4s", header)
+            if kind == b"IDAT":
+                seen_idat = True
+            elif seen_idat and kind == b"eXIf":
+                return True
+            elif (seen_idat and kind in (b"tEXt", b"zTXt", b"iTXt")
+                  and stream.read(22) == b"Raw profile type exif\0"):  # the keyword, then NUL
+                return True
+            at += 12 + length  # length, type, body, CRC
+    finally:
+        stream.seek(position)
 
 
 @contextlib.contextmanager
@@ -152,8 +225,10 @@ def read_audio(source: Source) -> tuple[np.ndarray, int]:
 
     samples: float32 in [-1, 1], shape (n,) for mono or (n, channels). PCM and float WAV are
     read by the standard-library reader below; FLAC, OGG (Vorbis, Opus), MP3 and other WAV
-    codecs by libsndfile (soundfile). Out-of-range float samples are clipped and NaNs zeroed,
-    since the speech encoder would pass them on to every later frame.
+    codecs by libsndfile (soundfile). Float samples beyond [-1, 1] (a float WAV may hold them:
+    a clipped recording, or a mix too loud) are clipped to it. NaN or infinite samples are
+    refused with a MediaError: no value would be right in their place, and the speech encoder
+    would carry them into every later frame.
     """
     try:
         if _is_data(source):
@@ -162,9 +237,10 @@ def read_audio(source: Source) -> tuple[np.ndarray, int]:
             with open(source, "rb") as f:  # OSError (missing file...) goes to the caller as it is
                 data = f.read()
         samples, rate = _decode_audio(data, "empty data" if _is_data(source) else "empty file")
+        if not np.isfinite(samples).all():
+            raise MediaError("the audio holds NaN or infinite samples")
     except MediaError as err:
         raise _with_path(err, source) from None
-    np.nan_to_num(samples, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
     np.clip(samples, -1.0, 1.0, out=samples)
     return samples, rate
 
@@ -296,7 +372,7 @@ def parse_wav(data: bytes) -> tuple[np.ndarray, int]:
     if channels < 1 or rate < 1:
         raise WavError(f"bad header: {channels} channel(s) at {rate} Hz")
     width = bits // 8
-    if bits % 8 or block_align != width * channels:
+    if bits < 8 or bits % 8 or block_align != width * channels:
         raise WavError(f"bad header: {bits}-bit samples in {block_align}-byte frames of {channels} channel(s)")
     usable = len(pcm) - len(pcm) % block_align  # a truncated last frame is dropped
     samples = _decode_wav_samples(pcm[:usable], tag, width)

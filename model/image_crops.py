@@ -232,12 +232,32 @@ def resize_bicubic(image: np.ndarray, height: int, width: int) -> np.ndarray:
 # -- the transform ------------------------------------------------------------------------------
 
 def to_rgb(image: Image.Image) -> np.ndarray:
-    """PIL image -> (H, W, 3) uint8; transparency is composited onto white (as transformers does)."""
+    """PIL image -> (H, W, 3) uint8; transparency is composited onto white (as transformers does).
+
+    16-bit greyscale (modes I;16, I;16L, I;16B, I;16N, and I, the mode of 16-bit PNG, TIFF and PGM
+    samples in some Pillow versions) keeps its top byte (value >> 8): Pillow's own conversion clips
+    at 255, which turns almost every pixel of a 16-bit image white. Mode I is taken as 16-bit
+    values; anything outside 0..65535 is clipped. Every other mode converts as transformers
+    converts it (CMYK by Pillow's formula, without an ICC profile).
+    """
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        image = _grey16_to_8bit(image)
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def _grey16_to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image (I;16*, I) -> L (LA when a grey value is marked transparent)."""
+    values = np.asarray(image)  # uint16 in the image's byte order, or int32 for mode I
+    grey = (np.clip(values, 0, 65535).astype(np.uint16) >> 8).astype(np.uint8)
+    transparency = image.info.get("transparency")
+    if isinstance(transparency, int):  # a PNG tRNS grey level, compared at full depth
+        alpha = np.where(values == transparency, 0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([grey, alpha], axis=-1), "LA")
+    return Image.fromarray(grey, "L")
 
 
 def make_crops(image: Image.Image | np.ndarray, max_crops: int = DEFAULT_MAX_CROPS,
