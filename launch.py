@@ -69,8 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     if not is_loopback(args.host) and not args.api_key:
         print(f"warning: the API under /v1 on {args.host} has no --api-key: anyone who can reach this address "
               f"can use the model", file=sys.stderr)
-    serve(choice, host=args.host, port=args.port, n_ctx=args.ctx, n_threads=args.threads, share=args.share,
-          auth=auth, block=True, api_key=args.api_key, queue=args.queue)
+    from app.engine_api import EngineError
+
+    try:
+        serve(choice, host=args.host, port=args.port, n_ctx=args.ctx, n_threads=args.threads, share=args.share,
+              auth=auth, block=True, api_key=args.api_key, queue=args.queue)
+    except (EngineError, RuntimeError, OSError, ValueError) as e:  # a model folder that cannot be loaded
+        print(f"error: cannot load {choice.path}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     return 0
 
 

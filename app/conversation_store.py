@@ -40,15 +40,17 @@ def new_conversation_folder(root: str | os.PathLike, conversation: Conversation)
 
 
 def saved_conversations(root: str | os.PathLike) -> list[tuple[str, str]]:
-    """(label, folder) of each saved conversation under `root`, newest first."""
+    """(label, folder) of each saved conversation under `root`, newest first. A damaged file is
+    listed as such (opening it says what is wrong), and never overwritten."""
     found = []
     for path in Path(root).glob(f"*/{CONVERSATION_FILE}"):
         try:
-            document = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue  # a damaged file is skipped, never overwritten
-        found.append((path.stat().st_mtime, f"{document.get('saved', '')}  {document.get('title', '')}",
-                      str(path.parent)))
+            mtime = path.stat().st_mtime
+            document = json.loads(path.read_text(encoding="utf-8"))
+            label = f"{document.get('saved', '')}  {document.get('title', '')}"
+        except (OSError, ValueError):
+            label = f"damaged, cannot be opened: {path.parent.name}"
+        found.append((mtime, label, str(path.parent)))
     return [(label, folder) for _, label, folder in sorted(found, reverse=True)]
 
 
@@ -110,8 +112,14 @@ def save(conversation: Conversation, folder: str | os.PathLike) -> Path:
     messages = [_message_to_json(m, media, k) for k, m in enumerate(conversation.messages)]
     document = {"version": FORMAT_VERSION, "title": conversation.title, "saved": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "system": conversation.settings.system, "turns": turns, "messages": messages}
+    # A lone surrogate (text pasted from a broken source) is no UTF-8: it is written as its JSON
+    # escape, which reads back as the same string.
+    data = json.dumps(document, ensure_ascii=False, indent=1).encode("utf-8", "backslashreplace")
     tmp = folder / (CONVERSATION_FILE + ".tmp")
-    tmp.write_text(json.dumps(document, ensure_ascii=False, indent=1))
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(folder / CONVERSATION_FILE)  # never a half-written file under the real name
     # From now on the conversation reads the saved copies.
     for turn in conversation.turns:
@@ -142,12 +150,22 @@ def load(folder: str | os.PathLike, engine: Engine, tools: Mapping[str, Callable
     """A saved conversation, ready to go on with `engine`. ValueError for a file it cannot read."""
     folder = Path(folder)
     try:
-        document = json.loads((folder / CONVERSATION_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        document = json.loads((folder / CONVERSATION_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
         raise ValueError(f"{folder}: cannot read {CONVERSATION_FILE} ({e})") from None
-    version = document.get("version")
+    version = document.get("version") if isinstance(document, dict) else None
     if version not in (1, FORMAT_VERSION):
         raise ValueError(f"{folder}: unknown conversation format {version!r}")
+    try:
+        conversation = _parse(document, version, folder, engine, tools, unsupported_reason)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise ValueError(f"{folder}: {CONVERSATION_FILE} is damaged ({type(e).__name__}: {e})") from None
+    conversation.saved_to = str(folder)
+    return conversation
+
+
+def _parse(document: dict[str, Any], version: int, folder: Path, engine: Engine,
+           tools: Mapping[str, Callable[..., Any]] | None, unsupported_reason: str) -> Conversation:
     system = document.get("system", Settings().system)
     conversation = Conversation(engine, tools, Settings(system=system), unsupported_reason)
     for data in document["turns"]:
@@ -163,7 +181,6 @@ def load(folder: str | os.PathLike, engine: Engine, tools: Mapping[str, Callable
         conversation.messages[:] = _messages_of_v1(document, conversation)
     else:
         conversation.messages[:] = [_message_from_json(m, folder) for m in document["messages"]]
-    conversation.saved_to = str(folder)
     return conversation
 
 

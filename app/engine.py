@@ -45,11 +45,14 @@ from app.engine_api import (
     Usage,
 )
 from app.llama_backend import LlamaContext, LlamaModel, Sampler
-from app.prompt import ChatTemplate, Media, Prompt
+from app.prompt import ChatTemplate, Media, Prompt, Text
 from model.audio_io import to_model_audio
 from model.format import Manifest, ManifestError, read_manifest
 
-EMBEDDING_CACHE_ITEMS = 16  # images / clips whose embeddings are kept for later turns
+# Images and clips whose embeddings are kept for later turns: at most this many, and this much
+# memory (a 36-crop image is ~3,000 rows of 3,072 floats: 37 MB).
+EMBEDDING_CACHE_ITEMS = 16
+EMBEDDING_CACHE_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -58,6 +61,16 @@ class _Segment:
     keys: list          # one hashable key per position (a token id, or (digest, row))
     tokens: list[int] | None = None
     rows: np.ndarray | None = None
+
+
+@dataclass
+class _MediaInput:
+    """An image or audio item read and counted, not yet encoded."""
+    digest: str          # of its content and options: the embedding cache's key
+    kind: str
+    value: Any           # the PIL image, or the 16 kHz mono samples
+    options: dict
+    n_tokens: int
 
 
 @dataclass
@@ -182,51 +195,74 @@ class LocalEngine:
         """Text -> token ids; with `special`, special tokens written in the text are parsed as such."""
         return self.model.tokenize(text, special=special)
 
-    def _embed(self, item: Media, prompt: Prompt) -> tuple[str, np.ndarray]:
-        """Encode one image or audio item (cached by content, so later turns reuse it)."""
+    def _prepare(self, item: Media, prompt: Prompt) -> _MediaInput:
+        """Read an image or audio item and count its tokens: cheap, before anything is encoded."""
         if item.kind == IMAGE:
             if self.vision is None:
                 raise EngineError("this model has no vision encoder: it cannot read images")
             image = _image_of(item.value)
-            options = {"max_crops": item.options.get("max_crops")}
-            raw = image.tobytes() + repr((image.mode, image.size, options)).encode()
-        else:
-            if self.speech is None:
-                raise EngineError("this model has no speech encoder: it cannot hear audio")
-            samples, rate = _audio_of(item.value)
-            # image+audio prompts project audio with the vision-speech head (docs/model.md, "Speech encoder")
-            options = {"mode": "vision" if IMAGE in prompt.modalities else "speech"}
-            raw = np.ascontiguousarray(samples).tobytes() + repr((int(rate), options)).encode()
-        digest = hashlib.sha1(raw).hexdigest()
-        rows = self._embedding_cache.get(digest)
+            max_crops = item.options.get("max_crops")
+            raw = image.tobytes() + repr((image.mode, image.size, max_crops)).encode()
+            return _MediaInput(hashlib.sha1(raw).hexdigest(), IMAGE, image, {"max_crops": max_crops},
+                               self.vision.num_tokens(*image.size, max_crops))
+        if self.speech is None:
+            raise EngineError("this model has no speech encoder: it cannot hear audio")
+        samples, rate = _audio_of(item.value)
+        # image+audio prompts project audio with the vision-speech head (docs/model.md, "Speech encoder")
+        options = {"mode": "vision" if IMAGE in prompt.modalities else "speech"}
+        raw = np.ascontiguousarray(samples).tobytes() + repr((int(rate), options)).encode()
+        clip = to_model_audio(samples, int(rate))  # ValueError for non-finite or unusable samples
+        try:
+            n = self.speech.num_tokens(len(clip))
+        except ValueError as e:
+            raise PromptError(f"an audio clip of {len(clip)} samples at 16 kHz is too short: {e}") from None
+        return _MediaInput(hashlib.sha1(raw).hexdigest(), AUDIO, clip, options, n)
+
+    def _encode(self, item: _MediaInput) -> np.ndarray:
+        """The item's embedding rows, cached by content so later turns reuse them."""
+        rows = self._embedding_cache.get(item.digest)
         if rows is None:
             if item.kind == IMAGE:
-                rows = self.vision.embed(image, max_crops=options["max_crops"])
+                rows = self.vision.embed(item.value, max_crops=item.options["max_crops"])
             else:
-                rows = self.speech.embed(to_model_audio(samples, int(rate)), mode=options["mode"])
-            self._embedding_cache[digest] = rows
-            while len(self._embedding_cache) > EMBEDDING_CACHE_ITEMS:
+                rows = self.speech.embed(item.value, mode=item.options["mode"])
+            if not np.isfinite(rows).all():
+                # Never into the KV cache: a NaN there poisons every later answer on this engine.
+                raise EngineError(f"the {item.kind} encoder gave non-finite values for this {item.kind}")
+            if len(rows) != item.n_tokens:
+                raise EngineError(f"the {item.kind} encoder gave {len(rows)} rows, {item.n_tokens} were counted")
+            self._embedding_cache[item.digest] = rows
+            while len(self._embedding_cache) > 1 and (
+                    len(self._embedding_cache) > EMBEDDING_CACHE_ITEMS
+                    or sum(r.nbytes for r in self._embedding_cache.values()) > EMBEDDING_CACHE_BYTES):
                 self._embedding_cache.popitem(last=False)
-        self._embedding_cache.move_to_end(digest)
-        return digest, rows
+        self._embedding_cache.move_to_end(item.digest)
+        return rows
 
     def _segments(self, prompt: Prompt) -> tuple[list[_Segment], float]:
-        segments, encoder_s = [], 0.0
-        first_text = True
+        """The prompt's positions. Their number is checked against the context before any image
+        or audio is encoded: a prompt that cannot fit costs no encoder time."""
+        segments, prepared, first_text = [], [], True
         for piece in prompt.pieces:
-            if isinstance(piece, str):
-                tokens = self.model.tokenize(piece, add_bos=first_text and self.model.add_bos)
+            if isinstance(piece, (str, Text)):
+                # The template's markup may spell special tokens; text from a message only where
+                # it is the assistant's own (app/prompt.py `Text`).
+                text, special = (piece, True) if isinstance(piece, str) else (piece.text, piece.special)
+                tokens = self.model.tokenize(text, add_bos=first_text and self.model.add_bos, special=special)
                 first_text = False
                 if tokens:
                     segments.append(_Segment(keys=list(tokens), tokens=tokens))
             else:
-                t0 = time.perf_counter()
-                digest, rows = self._embed(piece, prompt)
-                encoder_s += time.perf_counter() - t0
-                segments.append(_Segment(keys=[(digest, i) for i in range(len(rows))], rows=rows))
+                item = self._prepare(piece, prompt)
+                prepared.append((len(segments), item))
+                segments.append(_Segment(keys=[(item.digest, i) for i in range(item.n_tokens)]))
         if not segments:
             raise PromptError("the prompt is empty")
-        return segments, encoder_s
+        self._window_for(sum(len(s.keys) for s in segments))  # ContextFull now, before the encoders run
+        t0 = time.perf_counter()
+        for index, item in prepared:
+            segments[index].rows = self._encode(item)
+        return segments, time.perf_counter() - t0
 
     def _resolve_adapter(self, prompt: Prompt, adapter: str | None) -> tuple[str, ...]:
         name = prompt.adapter if adapter == AUTO else adapter

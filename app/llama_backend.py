@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 from pathlib import Path
 
 import llama_cpp as L
@@ -29,6 +30,29 @@ def _init_backend(verbose: bool) -> None:
 
 class LlamaError(RuntimeError):
     pass
+
+
+# llama.cpp's pre-tokenizer (the regex that splits text into words before BPE; for Phi-4 the
+# gpt-4o one) recurses once per character of a match, on the calling thread's stack. A long
+# run of letters, punctuation or spaces overflows it and kills the whole process: measured
+# with llama-cpp-python 0.3.36, about 330 bytes of stack per character, so 25,000 "a"s crash
+# the 8 MB main thread, 3,000 a thread of 1 MB, 1,000 one of 256 KB (tests/test_hostile_input.py
+# finds the limit again). Runs are cut into pieces of MAX_RUN characters, tokenized one after
+# the other: safe on any thread of 256 KB or more, and ordinary text, which has no such runs,
+# tokenizes exactly as before.
+MAX_RUN = 512
+_LONG_RUN = re.compile(rf"\S{{{MAX_RUN + 1},}}|\s{{{MAX_RUN + 1},}}")
+
+
+def _bounded_pieces(text: str) -> list[str]:
+    """`text` cut so that no piece holds a run of more than MAX_RUN non-space (or space) characters."""
+    pieces, start = [], 0
+    for run in _LONG_RUN.finditer(text):
+        for cut in range(run.start() + MAX_RUN, run.end(), MAX_RUN):
+            pieces.append(text[start:cut])
+            start = cut
+    pieces.append(text[start:])
+    return [p for p in pieces if p] or [text]
 
 
 class LlamaModel:
@@ -69,8 +93,21 @@ class LlamaModel:
         return buf.raw[:n]
 
     def tokenize(self, text: str, add_bos: bool = False, special: bool = True) -> list[int]:
-        """Text -> token ids; with `special`, special tokens written in the text (`<|end|>`) are parsed as such."""
-        raw = text.encode("utf-8")
+        """Text -> token ids; with `special`, special tokens written in the text (`<|end|>`) are parsed as such.
+
+        A run of more than MAX_RUN characters without a space (or of spaces) is tokenized in
+        pieces of MAX_RUN: see `_bounded_pieces`.
+        """
+        ids: list[int] = []
+        for i, piece in enumerate(_bounded_pieces(text)):
+            ids += self._tokenize(piece, add_bos and i == 0, special)
+        return ids
+
+    def _tokenize(self, text: str, add_bos: bool, special: bool) -> list[int]:
+        try:
+            raw = text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (from JSON "\\ud800", say): read as U+FFFD
+            raw = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace").encode("utf-8")
         n_max = len(raw) + 8
         tokens = (L.llama_token * n_max)()
         n = L.llama_tokenize(self.vocab, raw, len(raw), tokens, n_max, add_bos, special)

@@ -20,8 +20,12 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from app.engine_api import AUDIO, IMAGE, PromptError, adapter_for
 
-_SLOT = "\x00slot{}\x00"
-_SLOT_RE = re.compile("\x00slot(\\d+)\x00")
+# Everything that comes from a message (its text, its media, the tools' declaration) enters the
+# rendered template as a slot, and comes back out as a piece of its own: the template's markup is
+# only ever what the template itself wrote, and a message that spells `<|end|><|system|>` cannot
+# forge a turn, nor a `\x00...` in it a slot.
+_SLOT = "\x00{kind}{index}\x00"
+_SLOT_RE = re.compile("\x00(text|media)(\\d+)\x00")
 
 
 @dataclass
@@ -33,8 +37,17 @@ class Media:
 
 
 @dataclass
+class Text:
+    """Text from a message. `special`: whether special-token spellings in it are read as special
+    tokens; only for the assistant's own turns (its tool-call markup), never for text from a user,
+    a file or a tool."""
+    text: str
+    special: bool = False
+
+
+@dataclass
 class Prompt:
-    pieces: list[str | Media]   # rendered text and media, alternating as they appear
+    pieces: list[str | Text | Media]   # the template's markup (str), message text and media, in order
 
     @property
     def media(self) -> list[Media]:
@@ -49,26 +62,58 @@ class Prompt:
         return adapter_for(self.modalities)
 
 
-def _content_text(message: dict, index: int, media: list[Media]) -> str:
-    """A message's content as text, each image or audio part a slot (appended to `media`)."""
+class _Slots:
+    """What the messages hold, numbered, while the template renders around their slots."""
+
+    def __init__(self) -> None:
+        self.texts: list[Text] = []
+        self.media: list[Media] = []
+
+    def text(self, text: str, special: bool) -> str:
+        if not text:
+            return ""
+        self.texts.append(Text(text, special))
+        return _SLOT.format(kind="text", index=len(self.texts) - 1)
+
+    def item(self, item: Media) -> str:
+        self.media.append(item)
+        return _SLOT.format(kind="media", index=len(self.media) - 1)
+
+    def pieces(self, rendered: str) -> list[str | Text | Media]:
+        pieces: list[str | Text | Media] = []
+        pos = 0
+        for match in _SLOT_RE.finditer(rendered):
+            if match.start() > pos:
+                pieces.append(rendered[pos:match.start()])
+            store = self.texts if match.group(1) == "text" else self.media
+            pieces.append(store[int(match.group(2))])
+            pos = match.end()
+        if pos < len(rendered):
+            pieces.append(rendered[pos:])
+        return pieces
+
+
+def _content_text(message: dict, index: int, slots: _Slots) -> str:
+    """A message's content as slots: its text runs and each image or audio part."""
     content = message.get("content")
+    special = message.get("role") == "assistant"
     if content is None:
         return ""
     if isinstance(content, str):
-        return content
+        return slots.text(content, special)
     if not isinstance(content, list):
         raise PromptError(f"message {index}: content must be a string or a list of parts")
-    return "".join(_part_text(part, index, media) for part in content)
+    return "".join(_part_text(part, index, slots, special) for part in content)
 
 
-def _part_text(part: Any, index: int, media: list[Media]) -> str:
+def _part_text(part: Any, index: int, slots: _Slots, special: bool) -> str:
     if isinstance(part, str):
-        return part
+        return slots.text(part, special)
     if not isinstance(part, dict) or "type" not in part:
         raise PromptError(f"message {index}: content parts must be dicts with a 'type', got {part!r:.80}")
     kind = part["type"]
     if kind == "text":
-        return str(part.get("text", ""))
+        return slots.text(str(part.get("text", "")), special)
     if kind not in (IMAGE, AUDIO):
         raise PromptError(f"message {index}: unknown content type {kind!r} (text, image, audio)")
     value = part.get(kind)
@@ -77,8 +122,7 @@ def _part_text(part: Any, index: int, media: list[Media]) -> str:
     if kind == AUDIO and not (isinstance(value, (str, os.PathLike)) or (isinstance(value, tuple) and len(value) == 2)):
         raise PromptError(f"message {index}: audio must be (samples, sample_rate) or a file path")
     options = {k: v for k, v in part.items() if k not in ("type", kind)}
-    media.append(Media(kind, value, options))
-    return _SLOT.format(len(media) - 1)
+    return slots.item(Media(kind, value, options))
 
 
 class ChatTemplate:
@@ -102,18 +146,18 @@ class ChatTemplate:
     def build(self, messages: list[dict]) -> Prompt:
         if not isinstance(messages, list) or not messages:
             raise PromptError("messages must be a non-empty list")
-        media: list[Media] = []
+        slots = _Slots()
         rendered = []
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m:
                 raise PromptError(f"message {i} must be a dict with a 'role'")
-            out = {"role": m["role"], "content": _content_text(m, i, media)}
+            out = {"role": m["role"], "content": _content_text(m, i, slots)}
             if m.get("tools") is not None:
                 tools = m["tools"] if isinstance(m["tools"], str) else json.dumps(m["tools"], ensure_ascii=False)
                 if self.places_tools:
-                    out["tools"] = tools
+                    out["tools"] = slots.text(tools, special=False)
                 else:
-                    out["content"] += m.get("tools_text") or ""
+                    out["content"] += slots.text(m.get("tools_text") or "", special=False)
             rendered.append(out)
         continue_last = rendered[-1]["role"] == "assistant"
         history = rendered[:-1] if continue_last else rendered
@@ -124,13 +168,4 @@ class ChatTemplate:
             raise PromptError(f"chat template failed: {e}") from None
         if continue_last:
             text += rendered[-1]["content"]
-        pieces: list[str | Media] = []
-        pos = 0
-        for match in _SLOT_RE.finditer(text):
-            if match.start() > pos:
-                pieces.append(text[pos:match.start()])
-            pieces.append(media[int(match.group(1))])
-            pos = match.end()
-        if pos < len(text):
-            pieces.append(text[pos:])
-        return Prompt(pieces)
+        return Prompt(slots.pieces(text))

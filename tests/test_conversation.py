@@ -304,3 +304,29 @@ def test_run_in_thread_keeps_the_source_in_one_thread_whoever_consumes_it():
 
     with pytest.raises(ValueError, match="broken file"):
         list(run_in_thread(failing))
+
+
+def test_a_lone_surrogate_does_not_make_a_conversation_unsaveable(tmp_path):
+    engine = ScriptedEngine("Noted.")
+    conv = Conversation(engine)
+    run(conv.ask("broken text: \ud800 here"))
+    folder = conversation_store.save(conv, tmp_path / "c")
+    opened = conversation_store.load(folder, engine)
+    assert opened.turns[0].text == "broken text: \ud800 here" and opened.messages == conv.messages
+
+
+def test_a_damaged_saved_conversation_is_listed_and_reported_and_the_others_still_open(tmp_path):
+    engine = ScriptedEngine("Fine.")
+    conv = Conversation(engine)
+    run(conv.ask("A good one"))
+    good = conversation_store.save(conv, tmp_path / "good")
+    for name, text in (("truncated", '{"version": 2, "turns": [{"te'), ("wrong-shape", '{"version": 2, "turns": 3}'),
+                       ("not-json", "\x00\x01")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "conversation.json").write_text(text)
+    listed = dict((folder, label) for label, folder in conversation_store.saved_conversations(tmp_path))
+    assert listed[str(good)].endswith("A good one") and len(listed) == 4
+    for name in ("truncated", "wrong-shape", "not-json"):
+        with pytest.raises(ValueError, match=f"{name}: .*conversation.json"):
+            conversation_store.load(tmp_path / name, engine)
+    assert conversation_store.load(good, engine).turns[0].answer == "Fine."

@@ -229,4 +229,9 @@ class Handlers:
 
     def chat(self, message: str) -> str:
         """Answer one message in a fresh conversation with the default settings; returns the answer text."""
-        return self.new_conversation().reply(message)
+        if not isinstance(message, str) or not message.strip():
+            raise _error("the message is empty")
+        try:
+            return self.new_conversation().reply(message)
+        except RuntimeError as e:  # the reason reaches the client, not Gradio's generic "error"
+            raise _error(str(e)) from None
