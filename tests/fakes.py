@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from app.engine_api import AUDIO, IMAGE, Chunk, Completion, Sampling, Usage, adapter_for, collect
+from app.engine_api import AUDIO, IMAGE, Chunk, Completion, EngineError, Sampling, Usage, adapter_for, collect
 
 
 def _copy(value: Any) -> Any:
@@ -65,6 +65,8 @@ class ScriptedEngine:
                      encoder_ms=12.0, prefill_ms=600.0, ttft_ms=650.0, completion_tokens=10, decode_ms=500.0)
 
     def count_tokens(self, part: dict[str, Any]) -> int:
+        if part["type"] in (IMAGE, AUDIO) and part["type"] not in self.modalities:
+            raise EngineError(f"this model cannot read {part['type']}")
         return {"text": len(str(part.get("text", "")).split()), IMAGE: 100, AUDIO: 13}[part["type"]]
 
     def close(self) -> None:

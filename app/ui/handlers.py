@@ -97,8 +97,9 @@ class Handlers:
 
     def detail_note(self, max_crops: int, example: tuple[int, int]) -> str:
         """What an image of the example size costs at this detail, from the loaded encoder's config."""
-        tokens = self._tokens({"type": IMAGE, IMAGE: Image.new("1", example), "max_crops": int(max_crops)})
-        if tokens is None:
+        try:
+            tokens = self.engine.count_tokens({"type": IMAGE, IMAGE: Image.new("1", example), "max_crops": int(max_crops)})
+        except EngineError:  # a model that cannot see
             return ""
         w, h = example
         return f"Detail {int(max_crops)}: a {w}×{h} image is **{tokens:,} tokens** of prefill."
@@ -115,24 +116,20 @@ class Handlers:
             if kind not in (IMAGE, AUDIO):
                 continue
             part = {"type": kind, kind: path} | ({"max_crops": int(crops)} if kind == IMAGE else {})
-            n = self._tokens(part)
-            if n is None:
+            try:
+                n = self.engine.count_tokens(part)
+                if kind == IMAGE:
+                    info = media.image_info(path)
+                    note = f" ({info.note})" if info.note else ""
+                    items.append(f"🖼️ {label} {info.width}×{info.height} → {n:,} tokens{note}")
+                else:
+                    items.append(f"🎤 {label} {media.audio_duration(path):.1f} s → {n:,} tokens")
+            except (OSError, media.MediaError, EngineError):
                 continue  # the question's own check reports unreadable files
-            if kind == IMAGE:
-                width, height = media.image_size(path)
-                items.append(f"🖼️ {label} {width}×{height} → {n:,} tokens")
-            else:
-                items.append(f"🎤 {label} {media.audio_duration(path):.1f} s → {n:,} tokens")
             total += n
         if not items:
             return ""
         return " · ".join(items) + (f" · **{total:,} tokens in all**" if len(items) > 1 else "")
-
-    def _tokens(self, part: dict[str, Any]) -> int | None:
-        try:
-            return self.engine.count_tokens(part)
-        except (OSError, media.MediaError, EngineError):
-            return None
 
     # -- asking ---------------------------------------------------------------------------
 
