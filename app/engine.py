@@ -35,7 +35,9 @@ from app import media
 from app.engine_api import (
     AUDIO,
     AUTO,
+    GBNF,
     IMAGE,
+    JSON_SCHEMA,
     Chunk,
     Completion,
     ContextFull,
@@ -44,7 +46,7 @@ from app.engine_api import (
     Sampling,
     Usage,
 )
-from app.llama_backend import LlamaContext, LlamaModel, Sampler
+from app.llama_backend import LlamaContext, LlamaModel, Sampler, json_schema_grammar
 from app.prompt import ChatTemplate, Media, Prompt, Text
 from model.audio_io import to_model_audio
 from model.format import Manifest, ManifestError, read_manifest
@@ -182,6 +184,10 @@ class LocalEngine:
     @property
     def n_ctx(self) -> int:
         return self._n_ctx
+
+    @property
+    def constraints(self) -> frozenset[str]:
+        return frozenset({GBNF, JSON_SCHEMA})
 
     def close(self) -> None:
         for window in (self._short, self._long):
@@ -383,8 +389,10 @@ class LocalEngine:
         with self._lock:
             t0 = time.perf_counter()
             window, adapters, usage = self._start(messages, adapter)
-            sampler = Sampler(self.model, sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed,
-                              sampling.grammar)
+            grammar = sampling.grammar
+            if sampling.json_schema is not None:
+                grammar = json_schema_grammar(sampling.json_schema)  # ValueError for a schema it cannot enforce
+            sampler = Sampler(self.model, sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed, grammar)
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             text, emitted, stopped_by_string = "", 0, False
             longest_stop = max((len(s) for s in stops), default=0)

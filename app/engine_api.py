@@ -35,6 +35,10 @@ ADAPTER_BY_MODALITIES = {
     frozenset({IMAGE, AUDIO}): "vision",
 }
 
+# What an engine can make the model's output follow (`Engine.constraints`).
+GBNF = "gbnf"                  # Sampling.grammar: llama.cpp's grammars
+JSON_SCHEMA = "json_schema"    # Sampling.json_schema: a JSON schema (structured outputs, guided decoding)
+
 FINISH_REASONS = ("stop", "length", "context")  # end of turn or stop string; max_tokens; a full context
 
 
@@ -64,7 +68,8 @@ class Sampling:
     top_k: int = 0                 # 0: off
     seed: int | None = None        # None: a random seed for each request
     stop: tuple[str, ...] = ()     # strings that end the answer (not returned)
-    grammar: str | None = None     # llama.cpp GBNF with a `root` rule
+    grammar: str | None = None     # llama.cpp GBNF with a `root` rule (engines with GBNF in `constraints`)
+    json_schema: dict[str, Any] | None = None  # the answer is JSON valid under it (JSON_SCHEMA engines)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -80,6 +85,8 @@ class Sampling:
             raise ValueError(f"top_k must be >= 0, got {self.top_k!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
+        if self.grammar is not None and self.json_schema is not None:
+            raise ValueError("a grammar and a JSON schema cannot both constrain one answer")
 
     def but(self, **changes: Any) -> "Sampling":
         """A copy with some options changed."""
@@ -166,6 +173,10 @@ class Engine(Protocol):
     @property
     def n_ctx(self) -> int:
         """The context length in tokens."""
+
+    @property
+    def constraints(self) -> frozenset[str]:
+        """Which constraints it honours: GBNF, JSON_SCHEMA, both or none."""
 
     def generate(self, messages: list[dict[str, Any]] | str, sampling: Sampling = Sampling(), *,
                  adapter: str | None = AUTO) -> Completion:

@@ -70,6 +70,10 @@ class EngineQueue:
     def n_ctx(self) -> int:
         return self.engine.n_ctx
 
+    @property
+    def constraints(self) -> frozenset[str]:
+        return self.engine.constraints
+
     def count_tokens(self, part: dict[str, Any]) -> int:
         return self.engine.count_tokens(part)  # no generation: needs no turn
 

@@ -233,6 +233,18 @@ class LlamaContext:
             self.ptr = None
 
 
+def json_schema_grammar(schema: dict) -> str:
+    """GBNF for JSON valid under `schema`, by llama-cpp-python's own converter."""
+    import json
+
+    from llama_cpp.llama_grammar import SchemaConverter
+
+    converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    # Round-trip through JSON so that tuples and other Python-only values become JSON values.
+    converter.visit(converter.resolve_refs(json.loads(json.dumps(schema)), "schema"), "")
+    return converter.format_grammar()
+
+
 class Sampler:
     """A llama.cpp sampler chain: optional grammar, then top-k / top-p / temperature, or greedy."""
 

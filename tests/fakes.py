@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from app.engine_api import AUDIO, IMAGE, Chunk, Completion, EngineError, Sampling, Usage, adapter_for, collect
+from app.engine_api import AUDIO, GBNF, IMAGE, Chunk, Completion, EngineError, Sampling, Usage, adapter_for, collect
 
 
 def _copy(value: Any) -> Any:
@@ -41,11 +41,13 @@ class ScriptedEngine:
 
     def __init__(self, *replies: str | list[str] | Iterable[str] | BaseException, piece: int = 3,
                  modalities: Iterable[str] = (IMAGE, AUDIO), delay: float = 0.0,
-                 before_piece: Callable[[int, int], None] | None = None, n_ctx: int = 4096):
+                 before_piece: Callable[[int, int], None] | None = None, n_ctx: int = 4096,
+                 constraints: Iterable[str] = (GBNF,)):
         self.replies = list(replies)
         self.piece = piece
         self.modalities = frozenset(modalities)
         self.n_ctx = n_ctx
+        self.constraints = frozenset(constraints)  # what it claims to honour (it ignores them all)
         self.delay = delay
         self.before_piece = before_piece  # hook(reply_index, piece_index), e.g. to wait for the speaker
         self.requests: list[dict[str, Any]] = []  # messages, stream, adapter and every Sampling field

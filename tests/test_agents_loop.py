@@ -331,12 +331,12 @@ def test_tools_can_be_given_as_tool_objects_and_must_have_unique_names():
 
 
 def test_grammar_failure_falls_back_to_unconstrained(monkeypatch):
-    import app.agents.loop as loop
+    import app.agents.grammar as grammar
 
     def no_grammar(tools):
         raise ImportError("No module named 'llama_cpp'")
 
-    monkeypatch.setattr(loop, "tool_call_grammar", no_grammar)
+    monkeypatch.setattr(grammar, "tool_call_grammar", no_grammar)
     with pytest.warns(UserWarning, match="not be constrained"):
         agent = Agent(ScriptedEngine(call("add", a=1, b=1), "2"), tools=[add])
     assert agent.grammar is None
@@ -419,3 +419,23 @@ def test_cancel_during_a_tool_keeps_the_call_and_runs_no_more():
     assert final.result.stop_reason == "stopped" and [s.arguments for s in final.result.steps] == [{"x": 1}]
     assert roles(agent.messages) == ["system", "user", "assistant", "tool", "tool", "assistant"]
     assert "stopped" in agent.messages[4]["content"] and len(engine.requests) == 1
+
+
+def test_an_engine_that_cannot_constrain_gets_the_call_the_model_wrote():
+    # No grammar, no JSON schema: the complete call the model wrote is run, not thrown away.
+    engine = ScriptedEngine('functools[{"name": "add", "arguments": {"a": 19, "b": 23}}]', "It is 42.",
+                            constraints=())
+    result = Agent(engine, tools=[add]).run("19 + 23?")
+    assert [(s.name, s.arguments, s.result) for s in result.steps] == [("add", {"a": 19, "b": 23}, 42)]
+    assert result.answer == "It is 42." and all(r["grammar"] is None and r["json_schema"] is None
+                                                for r in engine.requests)
+
+
+def test_an_engine_that_reads_json_schemas_gets_the_calls_schema():
+    engine = ScriptedEngine("<|tool_call|>", '[{"name": "add", "arguments": {"a": 2, "b": 3}}]', "5.",
+                            constraints=("json_schema",))
+    result = Agent(engine, tools=[add]).run("2 + 3?")
+    constrained = engine.requests[1]
+    assert constrained["grammar"] is None and constrained["json_schema"]["items"]["properties"]["name"] == {
+        "const": "add"}
+    assert [s.result for s in result.steps] == [5] and result.answer == "5."

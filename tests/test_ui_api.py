@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 import traceback
+from pathlib import Path
 from urllib.parse import urljoin
 
 import httpx
@@ -214,3 +215,21 @@ def test_the_openai_api_is_served_beside_the_page(app):
     # the same engine as the page's chat: the same greedy answer
     assert answer.choices[0].message.content.strip() == model_answer(app, question)
     assert client(app.url).predict(question, api_name="/chat") == answer.choices[0].message.content.strip()
+
+
+def test_the_page_serves_no_file_outside_its_own(app, tmp_path):
+    import urllib.error
+    import urllib.request
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the browser")
+    base = app.url.rstrip("/")
+    for path in (str(secret), "/etc/passwd", str(Path(__file__).resolve())):
+        for route in (f"/gradio_api/file={path}", f"/file={path}"):
+            try:
+                with urllib.request.urlopen(base + route, timeout=10) as response:
+                    body = response.read()
+            except urllib.error.HTTPError as e:
+                assert e.code in (403, 404), (route, e.code)
+                continue
+            assert b"not for the browser" not in body and b"root:" not in body, route

@@ -8,6 +8,8 @@ by `<|/tool_call|>`. The JSON-schema-to-GBNF translation is llama-cpp-python's o
 import json
 from typing import Any, Sequence
 
+from app.engine_api import GBNF, JSON_SCHEMA
+
 from .parsing import TOOL_CALL_END
 from .schema import Tool
 
@@ -41,13 +43,15 @@ def tool_call_grammar(tools: Sequence[Tool]) -> str:
     return converter.format_grammar() + f'\nroot ::= calls "{TOOL_CALL_END}"?\n'
 
 
-def json_grammar(schema: dict[str, Any] | None = None) -> str:
-    """GBNF for one JSON value: any object (`schema` None), or one that validates against `schema`
-    (OpenAI's `response_format` json_object / json_schema). Needs llama-cpp-python."""
-    from llama_cpp.llama_grammar import SchemaConverter
 
-    converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
-    schema = {"type": "object"} if schema is None else json.loads(json.dumps(schema))
-    schema = converter.resolve_refs(schema, "response")
-    converter.visit(schema, "")
-    return converter.format_grammar()
+def call_constraint(constraints: frozenset[str], tools: Sequence[Tool]) -> dict[str, Any] | None:
+    """How an engine that honours `constraints` (app/engine_api.py) is made to write valid calls:
+    the Sampling fields for the call. A llama.cpp grammar where it reads GBNF (the closing tag
+    optional), a JSON schema where it reads those (vLLM's guided decoding, OpenAI's structured
+    outputs), None where it reads neither: the call the model writes is then parsed leniently
+    and checked against the schemas instead."""
+    if GBNF in constraints:
+        return {"grammar": tool_call_grammar(tools)}
+    if JSON_SCHEMA in constraints:
+        return {"json_schema": tool_calls_schema(tools)}
+    return None

@@ -14,7 +14,7 @@ from app.engine_api import Engine, Sampling, Usage
 
 from .events import AgentResult, Event, FinalAnswer, ToolCallEvent, ToolResultEvent, ToolStep
 from .execute import execute
-from .grammar import tool_call_grammar
+from .grammar import call_constraint
 from .messages import call_message, result_message, system_message, user_message
 from .reply import Stopped, model_reply
 from .schema import Tool, tool_from_function
@@ -60,7 +60,7 @@ class Agent:
         self.messages: list[dict[str, Any]] = messages if messages is not None else []
         self.tools: dict[str, Tool] = {}
         self.system = system
-        self.grammar: str | None = None
+        self.constraint: dict | None = None  # how calls are constrained: app/agents/grammar.py call_constraint
         self._cancel = threading.Event()
         self._usage: Usage | None = None
         self.set_tools(tools, system)
@@ -85,7 +85,7 @@ class Agent:
                 raise ValueError(f"two tools are named {tool.name!r}")
             named[tool.name] = tool
         if list(named.values()) != list(self.tools.values()):
-            self.grammar = self._build_grammar(named) if self.constrain and named else None
+            self.constraint = self._build_constraint(named) if self.constrain and named else None
         self.tools, self.system = named, system
         first = system_message(system, list(named.values()))
         has_system = bool(self.messages) and self.messages[0].get("role") == "system"
@@ -143,9 +143,9 @@ class Agent:
         told_limit = False  # the model was told that no more tools will run
         while True:
             # Past the limit calls are not run, so there is no point constraining them.
-            constrain = self.grammar is not None and len(steps) < self.max_steps
+            constrain = self.constraint is not None and len(steps) < self.max_steps
             reply = yield from model_reply(
-                self.engine, self.messages, self.sampling, self.tools, grammar=self.grammar if constrain else None,
+                self.engine, self.messages, self.sampling, self.tools, constraint=self.constraint if constrain else None,
                 call_first=constrain and not steps and self.tool_choice == "required",
                 call_max_tokens=self.call_max_tokens, cancel=self._cancel)
             if reply.usage is not None:
@@ -199,10 +199,14 @@ class Agent:
             "answer with the information you have"
         )
 
-    @staticmethod
-    def _build_grammar(tools: dict[str, Tool]) -> str | None:
+    @property
+    def grammar(self) -> str | None:
+        """The GBNF grammar calls are generated under, where the engine reads GBNF."""
+        return (self.constraint or {}).get("grammar")
+
+    def _build_constraint(self, tools: dict[str, Tool]) -> dict | None:
         try:
-            return tool_call_grammar(list(tools.values()))
+            return call_constraint(self.engine.constraints, list(tools.values()))
         except Exception as exc:  # e.g. llama-cpp-python missing, or a schema its converter rejects
             warnings.warn(f"tool calls will not be constrained by a grammar: {exc}", stacklevel=4)
             return None

@@ -1,13 +1,14 @@
 """One model reply that may call tools: streamed text, then either an answer or the calls.
 
-    reply = yield from model_reply(engine, messages, sampling, tools, grammar=grammar)
+    reply = yield from model_reply(engine, messages, sampling, tools, constraint={"grammar": gbnf})
     reply.calls      # [ToolCall, ...] when the model called tools, [] for an answer
 
 The reply is generated freely and streamed as TextDeltas. When the model starts a tool call,
-the free generation is cut there and the call is generated again under `grammar` (by
-continuing an assistant message that ends in `<|tool_call|>`), so its arguments are always
-valid; without a grammar the call the model wrote is parsed leniently instead. Markup never
-shows in the text. The agent loop runs the calls it gets; the HTTP API hands them to its client.
+the free generation is cut there and the call is generated again under `constraint` (a GBNF
+grammar or a JSON schema, whichever the engine honours: app/agents/grammar.py
+`call_constraint`), by continuing an assistant message that ends in `<|tool_call|>`, so its
+arguments are always valid; without one the call the model wrote is parsed leniently instead.
+Markup never shows in the text. The agent loop runs the calls it gets; the HTTP API hands them to its client.
 """
 from __future__ import annotations
 
@@ -70,16 +71,16 @@ class _Requests:
 
 
 def model_reply(engine: Engine, messages: list[dict], sampling: Sampling, tools: Mapping[str, Tool], *,
-                grammar: str | None = None, call_first: bool = False, call_max_tokens: int = 512,
+                constraint: dict | None = None, call_first: bool = False, call_max_tokens: int = 512,
                 cancel: threading.Event | None = None) -> Generator[TextDelta, None, Reply]:
     """Stream one reply to `messages`; return it. `call_first` skips the free text and makes the
     reply a (constrained) call at once. Raises Stopped when `cancel` is set."""
     cancel = cancel or threading.Event()
     requests = _Requests()
-    if call_first and grammar is not None:
+    if call_first and constraint is not None:
         text, call_at = "", 0
     else:
-        text, call_at = yield from _free_text(engine, messages, sampling, bool(tools), grammar is not None, cancel,
+        text, call_at = yield from _free_text(engine, messages, sampling, bool(tools), constraint is not None, cancel,
                                               requests)
     if call_at is None:
         parsed = parse_tool_calls(text) if tools else None
@@ -88,16 +89,16 @@ def model_reply(engine: Engine, messages: list[dict], sampling: Sampling, tools:
         # a bare JSON call, without markup
         return Reply(parsed.text, parsed.calls, text, finish_reason="stop", usage=requests.usage)
     before = text[:call_at]
-    if grammar is not None:
-        call_text = _constrained_call(engine, messages, before, sampling, grammar, call_max_tokens, requests)
+    if constraint is not None:
+        call_text = _constrained_call(engine, messages, before, sampling, constraint, call_max_tokens, requests)
     else:
         call_text = text[call_at:]
     if cancel.is_set():
         raise Stopped(before)
     parsed = parse_tool_calls(call_text)
-    # Under the grammar only the token budget can stop a call early; a lenient reading of the
+    # Under the constraint only the token budget can stop a call early; a lenient reading of the
     # cut-off JSON would invent arguments, so it is reported as unreadable instead.
-    if not parsed.calls or (grammar is not None and not _complete_call(call_text)):
+    if not parsed.calls or (constraint is not None and not _complete_call(call_text)):
         return Reply(before, [], call_text, unreadable=True, finish_reason=requests.finish_reason,
                      usage=requests.usage)
     return Reply(before, parsed.calls, call_text, finish_reason="stop", usage=requests.usage)
@@ -108,7 +109,7 @@ def _free_text(engine: Engine, messages: list[dict], sampling: Sampling, watch: 
     """Stream the reply as TextDeltas; return (text, index where a tool call starts or None).
 
     Text that might be the beginning of a call marker is held back until it is clear, so the
-    call markup never shows. When the call will be generated again under a grammar,
+    call markup never shows. When the call will be generated again under a constraint,
     generation stops as soon as the call starts.
     """
     chunks = engine.stream(messages, sampling.but(stop=(*sampling.stop, TOOL_CALL_END)) if watch else sampling)
@@ -139,12 +140,13 @@ def _free_text(engine: Engine, messages: list[dict], sampling: Sampling, watch: 
     return text, call_at
 
 
-def _constrained_call(engine: Engine, messages: list[dict], before: str, sampling: Sampling, grammar: str,
+def _constrained_call(engine: Engine, messages: list[dict], before: str, sampling: Sampling, constraint: dict,
                       call_max_tokens: int, requests: _Requests) -> str:
-    """Generate the tool call again under the grammar, continuing `before<|tool_call|>`."""
+    """Generate the tool call again under the constraint, continuing `before<|tool_call|>`."""
     continued = [*messages, {"role": "assistant", "content": before + TOOL_CALL_START}]
-    completion = engine.generate(continued, sampling.but(max_tokens=max(call_max_tokens, sampling.max_tokens),
-                                                         grammar=grammar, stop=()))
+    call_sampling = sampling.but(max_tokens=max(call_max_tokens, sampling.max_tokens), stop=(),
+                                 **{"grammar": None, "json_schema": None, **constraint})
+    completion = engine.generate(continued, call_sampling)
     requests.add(completion.usage, completion.finish_reason)
     generated = completion.text
     # An engine that ignores the continuation may repeat the marker; don't add a second one.

@@ -130,6 +130,7 @@ class ChatCompletionRequest(_Sampled):
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    grammar: str | None = None    # an extension, as llama-cpp-python's server: a llama.cpp GBNF grammar
 
 
 class CompletionRequest(_Sampled):

@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.agents import Tool
-from app.agents.grammar import json_grammar, tool_call_grammar
+from app.agents.grammar import call_constraint
 from app.agents.messages import system_message
 from app.agents.reply import Reply, Stopped, model_reply
 from app.api.errors import ApiError, error_response
@@ -153,16 +153,16 @@ class Api:
         self._check_model(body.model)
         _check_common(body)
         messages = engine_messages(body.messages, self.media, self.queue.modalities)
-        tools, grammar, call_first = _tools(body)
+        tools, constraint, call_first = _tools(body, self.queue.constraints)
         if tools:
             messages = _declare(messages, list(tools.values()))
         if body.response_format is not None and body.response_format.type != "text" and tools:
             raise ApiError("response_format and tools cannot be used together here", param="response_format")
         max_tokens = body.max_completion_tokens or body.max_tokens or self.queue.n_ctx
-        sampling = _sampling(body, max_tokens, _response_grammar(body))
+        sampling = _sampling(body, max_tokens, _response_schema(body))
 
         def produce(cancel: threading.Event, emit: Callable[[str, Any], None]) -> None:
-            replies = model_reply(self.queue.engine, messages, sampling, tools, grammar=grammar,
+            replies = model_reply(self.queue.engine, messages, sampling, tools, constraint=constraint,
                                   call_first=call_first, cancel=cancel)
             while True:
                 try:
@@ -514,31 +514,31 @@ def _check_common(body: Any) -> None:
         raise ApiError("logprobs are not supported", param="logprobs")
 
 
-def _sampling(body: Any, max_tokens: int, grammar: str | None) -> Sampling:
+def _sampling(body: Any, max_tokens: int, json_schema: dict[str, Any] | None) -> Sampling:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if any(not s for s in stop):
         raise ApiError("stop strings must not be empty", param="stop")
+    grammar = getattr(body, "grammar", None)
+    if grammar is not None and json_schema is not None:
+        raise ApiError("grammar and response_format cannot be used together", param="grammar")
     return Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                    seed=body.seed, stop=tuple(stop), grammar=grammar)
+                    seed=body.seed, stop=tuple(stop), grammar=grammar, json_schema=json_schema)
 
 
-def _response_grammar(body: ChatCompletionRequest) -> str | None:
+def _response_schema(body: ChatCompletionRequest) -> dict[str, Any] | None:
+    """The JSON schema response_format asks for (an engine enforces it: a grammar on llama.cpp)."""
     fmt = body.response_format
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
-        return json_grammar()
+        return {"type": "object"}
     if fmt.json_schema is None or fmt.json_schema.schema_ is None:
         raise ApiError("response_format json_schema needs json_schema.schema", param="response_format.json_schema")
-    try:
-        return json_grammar(fmt.json_schema.schema_)
-    except Exception as e:  # llama.cpp's converter rejects the schema
-        raise ApiError(f"response_format: the JSON schema cannot be enforced: {e}",
-                       param="response_format.json_schema") from None
+    return fmt.json_schema.schema_
 
 
-def _tools(body: ChatCompletionRequest) -> tuple[dict[str, Tool], str | None, bool]:
-    """The tools the model is told of, the grammar of its calls, and whether it must call at once."""
+def _tools(body: ChatCompletionRequest, constraints: frozenset[str]) -> tuple[dict[str, Tool], dict | None, bool]:
+    """The tools the model is told of, the constraint of its calls, and whether it must call at once."""
     choice = body.tool_choice or "auto"
     if not body.tools or choice == "none":
         if isinstance(choice, NamedToolChoice) or choice == "required":
@@ -560,10 +560,10 @@ def _tools(body: ChatCompletionRequest) -> tuple[dict[str, Tool], str | None, bo
                            param="tool_choice")
         called = [tools[choice.function.name]]
     try:
-        grammar = tool_call_grammar(called)
+        constraint = call_constraint(constraints, called)
     except Exception as e:
         raise ApiError(f"tools: a parameters schema cannot be enforced: {e}", param="tools") from None
-    return tools, grammar, choice == "required" or isinstance(choice, NamedToolChoice)
+    return tools, constraint, choice == "required" or isinstance(choice, NamedToolChoice)
 
 
 def _declare(messages: list[dict[str, Any]], tools: list[Tool]) -> list[dict[str, Any]]:
