@@ -33,6 +33,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="require `Authorization: Bearer KEY` on the API under /v1 (default: $PHI4MM_API_KEY)")
     parser.add_argument("--queue", type=int, default=16,
                         help="API requests that may wait for the model (default 16; more get 429)")
+    parser.add_argument("--backend", metavar="URL",
+                        help="run on an OpenAI-compatible server (a vLLM cluster, or python -m app.api elsewhere) "
+                             "instead of the embedded engine, e.g. http://gpu-box:8000/v1 (docs/scale-out.md)")
+    parser.add_argument("--backend-key", default=os.environ.get("PHI4MM_BACKEND_KEY"),
+                        help="the backend's API key (default: $PHI4MM_BACKEND_KEY)")
+    parser.add_argument("--remote-models", metavar="text=NAME,vision=NAME,speech=NAME",
+                        help="the backend's model name for each LoRA (vLLM serves each LoRA as a model)")
     parser.add_argument("--download", action="store_true",
                         help="download and convert the full model if it is missing; fail instead of falling back")
     args = parser.parse_args(argv)
@@ -40,11 +47,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--auth takes USER:PASS")
     if args.queue < 0:
         parser.error("--queue must be >= 0")
+    if args.backend and args.model:
+        parser.error("--backend and --model exclude each other: the model is the backend's")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.backend:
+        return run_on_backend(args)
     from app.model_store import HubUnreachable, ModelChoice, ModelStore, ModelUnavailable
 
     if args.model:
@@ -77,6 +88,26 @@ def main(argv: list[str] | None = None) -> int:
     except (EngineError, RuntimeError, OSError, ValueError) as e:  # a model folder that cannot be loaded
         print(f"error: cannot load {choice.path}: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    return 0
+
+
+def run_on_backend(args: argparse.Namespace) -> int:
+    """The page on a remote engine: the model runs on the server at --backend."""
+    from app.engine_api import EngineError
+    from app.remote_engine import RemoteModels, connect
+    from app.ui.server import serve_engine
+
+    try:
+        models = RemoteModels.parse(args.remote_models) if args.remote_models else None
+        engine = connect(args.backend, args.backend_key, models)
+    except (EngineError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"Using the model {engine.models.text} at {engine.url}", flush=True)
+    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    serve_engine(engine, engine.models.text, details=f"backend {engine.url} · context {engine.n_ctx:,}",
+                 unsupported_reason=f"the backend {engine.url} serves no adapter for it", host=args.host,
+                 port=args.port, share=args.share, auth=auth, block=True, api_key=args.api_key, queue=args.queue)
     return 0
 
 

@@ -49,6 +49,10 @@ def engine_messages(messages: list[Message], policy: MediaPolicy, modalities: fr
         if message.role == "tool" and not isinstance(content, str):
             raise ApiError(f"messages[{i}]: a tool message's content must be text", param=f"messages[{i}].content")
         out.append({"role": role, "content": content})
+        if message.tools is not None:
+            if role != "system":
+                raise ApiError(f"messages[{i}]: only a system message declares tools", param=f"messages[{i}].tools")
+            out[-1]["tools"] = message.tools
     return out
 
 
@@ -76,7 +80,8 @@ def _part(part: Any, i: int, k: int, policy: MediaPolicy, modalities: frozenset[
     try:
         if isinstance(part, ImagePart):
             image = media.read_image(_fetch(part.image_url.url, where, policy))
-            return {"type": IMAGE, IMAGE: image, "max_crops": MAX_CROPS_BY_DETAIL[part.image_url.detail]}
+            max_crops = part.image_url.max_crops or MAX_CROPS_BY_DETAIL[part.image_url.detail]
+            return {"type": IMAGE, IMAGE: image, "max_crops": max_crops}
         if isinstance(part, AudioPart):
             fmt = part.input_audio.format.lower()
             if fmt not in AUDIO_FORMATS:

@@ -24,6 +24,7 @@ class TextPart(_Request):
 class ImageURL(_Request):
     url: str
     detail: Literal["auto", "low", "high"] | None = None
+    max_crops: int | None = Field(default=None, ge=1, le=64)  # an extension: the crop count itself
 
 
 class ImagePart(_Request):
@@ -71,6 +72,9 @@ class Message(_Request):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    # An extension for our own remote engine: on a system message, the tools already declared in
+    # Phi-4-mini's format (a JSON list), placed in the chat template's own slot for them.
+    tools: str | None = None
 
 
 class FunctionDefinition(_Request):

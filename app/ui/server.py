@@ -19,6 +19,7 @@ from starlette.routing import Mount
 from app.api.server import Api, ApiConfig
 from app.conversation_store import conversations_dir
 from app.engine import LocalEngine
+from app.engine_api import Engine
 from app.engine_queue import EngineQueue
 from app.model_store import FULL_MODEL_COMMAND, ModelChoice
 from app.ui.handlers import Handlers, PageInfo
@@ -29,7 +30,7 @@ from tools import builtin_tools
 @dataclass
 class RunningApp:
     url: str
-    engine: LocalEngine
+    engine: Engine
     demo: Any  # gr.Blocks
 
     def close(self) -> None:
@@ -56,16 +57,28 @@ def serve(choice: ModelChoice, host: str = "127.0.0.1", port: int = 7860, n_ctx:
     """Load `choice`, build the page around it and start serving (blocking unless block=False).
     The API under /v1 wants `Authorization: Bearer api_key` when one is given."""
     engine = LocalEngine.load(choice.path, n_ctx=n_ctx, n_threads=n_threads)
-    queued = EngineQueue(engine, max_waiting=queue)
     name = choice.path.stem if choice.path.is_file() else choice.path.name
     if choice.full:
         reason = f"{name} has no encoder for it"
     else:
         reason = f"the text-only fallback model is running; get Phi-4-multimodal with: {FULL_MODEL_COMMAND}"
+    return serve_engine(engine, name, details=f"{engine.n_threads} threads · context {engine.n_ctx:,}",
+                        notice=choice.notice, unsupported_reason=reason, host=host, port=port, share=share,
+                        auth=auth, notes_path=notes_path, conversations_root=conversations_root, block=block,
+                        quiet=quiet, api_key=api_key, queue=queue)
+
+
+def serve_engine(engine: Engine, name: str, details: str = "", notice: str | None = None,
+                 unsupported_reason: str = "", host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+                 auth: tuple[str, str] | None = None, notes_path: str | os.PathLike | None = None,
+                 conversations_root: str | os.PathLike | None = None, block: bool = True, quiet: bool = True,
+                 api_key: str | None = None, queue: int = 16) -> RunningApp:
+    """The page (and the API under /v1) on any engine: the local one, or a server's (app/remote_engine.py)."""
+    queued = EngineQueue(engine, max_waiting=queue)
     root = Path(conversations_root) if conversations_root else conversations_dir()
-    info = PageInfo(model_name=name, notice=choice.notice, conversations_root=root,
-                    details=f"{engine.n_threads} threads · context {engine.n_ctx:,}")
-    demo = build_page(Handlers(queued, builtin_tools(notes_path=notes_path), info, unsupported_reason=reason))
+    info = PageInfo(model_name=name, notice=notice, conversations_root=root, details=details)
+    demo = build_page(Handlers(queued, builtin_tools(notes_path=notes_path), info,
+                               unsupported_reason=unsupported_reason))
     url = launch_page(demo, host=host, port=free_port(host, port), share=share, auth=auth,
                       allowed_paths=[str(root)], block=False, quiet=quiet)
     api = Api(queued, ApiConfig(model_name=name, api_key=api_key))

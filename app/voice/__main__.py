@@ -12,6 +12,7 @@ the assistant answers interrupts the answer. In hands-free mode, starting to spe
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 from pathlib import Path
@@ -58,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(no separate speech-to-text) and answers in text, read aloud where espeak-ng is installed.")
     p.add_argument("--model", metavar="DIR", help="converted Phi-4-multimodal folder (python -m convert); "
                    f"default: the app's model folder ({model_store.default_model_dir()})")
+    p.add_argument("--backend", metavar="URL", help="run on an OpenAI-compatible server (a vLLM cluster, or "
+                   "python -m app.api elsewhere) instead of the embedded engine (docs/scale-out.md)")
+    p.add_argument("--backend-key", default=os.environ.get("PHI4MM_BACKEND_KEY"),
+                   help="the backend's API key (default: $PHI4MM_BACKEND_KEY)")
+    p.add_argument("--remote-models", metavar="text=NAME,vision=NAME,speech=NAME",
+                   help="the backend's model name for each LoRA (vLLM serves each LoRA as a model)")
     src = p.add_argument_group("input")
     src.add_argument("--wav", metavar="FILE",
                      help="answer the speech in this recording (WAV, FLAC, OGG, MP3) instead of a microphone")
@@ -121,6 +128,8 @@ def default_model_dir() -> tuple[Path, str]:
 
 
 def load_engine(args: argparse.Namespace) -> Engine:
+    if args.backend:
+        return connect_backend(args)
     from app.engine import LocalEngine  # imported late: --list-devices and bad input fail fast without it
 
     if args.model:
@@ -139,6 +148,23 @@ def load_engine(args: argparse.Namespace) -> Engine:
         engine.close()
         raise Failure(f"{model} cannot hear: it has no speech encoder. The voice assistant needs a converted "
                       f"Phi-4-multimodal folder (python -m convert CHECKPOINT DIR), not a text-only model.")
+    return engine
+
+
+def connect_backend(args: argparse.Namespace) -> Engine:
+    from app.engine_api import EngineError
+    from app.remote_engine import RemoteModels, connect
+
+    try:
+        models = RemoteModels.parse(args.remote_models) if args.remote_models else None
+        engine = connect(args.backend, args.backend_key, models)
+    except (EngineError, ValueError) as err:
+        raise Failure(str(err)) from None
+    if "audio" not in engine.modalities:
+        engine.close()
+        raise Failure(f"the backend {args.backend} cannot hear: it serves no speech adapter (name it with "
+                      f"--remote-models speech=NAME)")
+    status(f"using the model {engine.models.text} at {engine.url}")
     return engine
 
 
