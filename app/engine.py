@@ -113,12 +113,13 @@ class LocalEngine:
     """The engine contract (app/engine_api.py) on llama.cpp, with the numpy encoders."""
 
     def __init__(self, model: LlamaModel, manifest: Manifest | None, n_ctx: int, n_batch: int, n_threads: int,
-                 kv_type: str):
+                 kv_type: str, flash_attn: bool = False):
         self.model = model
         self.manifest = manifest  # None for a single text-only GGUF
         self.n_threads = n_threads
         self._n_batch = n_batch
         self._kv_type = kv_type
+        self._flash_attn = flash_attn
         # A plain Lock: a streamed answer may be resumed (and finished) on another thread than it began.
         self._lock = threading.Lock()
 
@@ -137,23 +138,28 @@ class LocalEngine:
         original = model.meta(f"{arch}.rope.scaling.original_context_length")
         self.original_context = int(original) if original else n_ctx
         self._n_ctx = n_ctx
-        self._short = _Window(LlamaContext(model, min(n_ctx, self.original_context), n_batch, n_threads, kv_type))
+        self._short = _Window(self._context(min(n_ctx, self.original_context)))
         self._long: _Window | None = None  # made when a conversation first outgrows the short window
 
         self.vision = None
         self.speech = None
         self._embedding_cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
+    def _context(self, n_ctx: int) -> LlamaContext:
+        return LlamaContext(self.model, n_ctx, self._n_batch, self.n_threads, self._kv_type, self._flash_attn)
+
     # -- loading --------------------------------------------------------------------------
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, n_ctx: int = 4096, n_threads: int | None = None,
-             n_batch: int = 512, kv_type: str = "f16", verbose: bool = False) -> "LocalEngine":
-        """Open a converted folder (manifest.json + GGUFs), or a single text-only .gguf file."""
+             n_batch: int = 512, kv_type: str = "f16", verbose: bool = False,
+             flash_attn: bool = False) -> "LocalEngine":
+        """Open a converted folder (manifest.json + GGUFs), or a single text-only .gguf file.
+        `flash_attn`: llama.cpp's fused attention kernel (faster prefill on some CPUs; off by default)."""
         path = Path(model_dir).expanduser()
         n_threads = n_threads or os.cpu_count() or 1
         if path.is_file() and path.suffix == ".gguf":
-            return cls(LlamaModel(path, verbose), None, n_ctx, n_batch, n_threads, kv_type)
+            return cls(LlamaModel(path, verbose), None, n_ctx, n_batch, n_threads, kv_type, flash_attn)
         if not path.is_dir():
             raise FileNotFoundError(f"no model at {path}")
         try:
@@ -163,7 +169,7 @@ class LocalEngine:
         model = LlamaModel(manifest.backbone, verbose)
         for name, file in manifest.loras.items():
             model.load_adapter(name, file)
-        engine = cls(model, manifest, n_ctx, n_batch, n_threads, kv_type)
+        engine = cls(model, manifest, n_ctx, n_batch, n_threads, kv_type, flash_attn)
         if manifest.vision_encoder:
             from model.vision_encoder import VisionEncoder
             engine.vision = VisionEncoder.load(manifest.vision_encoder)
@@ -289,7 +295,7 @@ class LocalEngine:
             raise ContextFull(f"the conversation needs {n_positions} tokens but the context holds {self.n_ctx}; "
                               f"start a new chat or load the model with a larger context")
         if self._long is None:
-            self._long = _Window(LlamaContext(self.model, self.n_ctx, self._n_batch, self.n_threads, self._kv_type))
+            self._long = _Window(self._context(self.n_ctx))
         return self._long
 
     def _prefill(self, window: _Window, segments: list[_Segment], adapters: tuple[str, ...]) -> int:

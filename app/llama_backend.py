@@ -134,7 +134,8 @@ class LlamaModel:
 class LlamaContext:
     """One KV cache (sequence 0) on a model: decode tokens or embedding rows, read logits."""
 
-    def __init__(self, model: LlamaModel, n_ctx: int, n_batch: int, n_threads: int, kv_type: str = "f16"):
+    def __init__(self, model: LlamaModel, n_ctx: int, n_batch: int, n_threads: int, kv_type: str = "f16",
+                 flash_attn: bool = False):
         params = L.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
@@ -142,8 +143,8 @@ class LlamaContext:
         params.n_seq_max = 1
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
-        # Same as llama-cpp-python's `Llama` default, so benchmarks compare like with like.
-        params.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        # Off by default, as llama-cpp-python's `Llama`, so benchmarks compare like with like.
+        params.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         kv = {"f16": L.GGML_TYPE_F16, "f32": L.GGML_TYPE_F32}[kv_type]
         params.type_k = params.type_v = kv
         self.ptr = L.llama_init_from_model(model.ptr, params)

@@ -5,7 +5,11 @@ import ctypes
 import os
 from pathlib import Path
 
-FTYPES = {"q8_0": 7, "q4_k_m": 15}  # LLAMA_FTYPE_MOSTLY_Q8_0, LLAMA_FTYPE_MOSTLY_Q4_K_M
+# outtype -> (llama.cpp's file type, the type of the two most sensitive tensors: the output matrix
+# and the token embeddings; None: the file type's own choice). q4_0 is what llama.cpp repacks for
+# fast AVX2 / NEON matrix products; q4_0_q8 keeps those two tensors at 8 bits.
+FTYPES = {"q8_0": (7, None), "q4_k_m": (15, None), "q4_0": (2, None), "q4_0_q8": (2, "q8_0")}
+_GGML_TYPES = {"q8_0": 8, "q6_k": 14}  # GGML_TYPE_Q8_0, GGML_TYPE_Q6_K
 
 
 def quantize(src: Path, dst: Path, outtype: str, threads: int | None = None) -> Path:
@@ -15,7 +19,10 @@ def quantize(src: Path, dst: Path, outtype: str, threads: int | None = None) -> 
     if outtype not in FTYPES:
         raise ValueError(f"llama.cpp quantisation supports {', '.join(FTYPES)}, not {outtype!r}")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = FTYPES[outtype]
+    ftype, sensitive = FTYPES[outtype]
+    params.ftype = ftype
+    if sensitive is not None:
+        params.output_tensor_type = params.token_embedding_type = _GGML_TYPES[sensitive]
     params.nthread = threads or os.cpu_count() or 1
     tmp = dst.with_name(dst.name + ".tmp")
     try:

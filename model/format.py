@@ -33,7 +33,7 @@ from pathlib import Path
 
 # `python -m convert --outtype`: how the decoder is stored. f32 and f16 are written directly;
 # q8_0 and q4_k_m are made from an f16 file by llama.cpp's own quantiser.
-OUTTYPES = ("f32", "f16", "q8_0", "q4_k_m")
+OUTTYPES = ("f32", "f16", "q8_0", "q4_k_m", "q4_0", "q4_0_q8")  # q4_0_q8: q4_0, output and embeddings q8_0
 DEFAULT_OUTTYPE = "q4_k_m"
 
 # How one GGUF written by convert/gguf_out.py stores its matrices (1-D tensors always stay f32).

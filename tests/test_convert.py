@@ -95,11 +95,16 @@ def test_stock_llama_cpp_loads_the_backbone_and_the_loras(native, tmp_path):
         assert adapter, name
 
 
-def test_quantised_decoder_goes_through_llama_cpp(native, tmp_path):
-    convert_checkpoint(native, tmp_path, "q8_0", quiet=True)
+@pytest.mark.parametrize("outtype,weights,sensitive", [
+    ("q8_0", "Q8_0", None), ("q4_0", "Q4_0", None), ("q4_0_q8", "Q4_0", "Q8_0")])
+def test_quantised_decoder_goes_through_llama_cpp(native, tmp_path, outtype, weights, sensitive):
+    convert_checkpoint(native, tmp_path, outtype, quiet=True)
     reader = gguf.GGUFReader(tmp_path / "backbone.gguf")
     types = {t.name: t.tensor_type for t in reader.tensors}
-    assert types["blk.0.attn_qkv.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert types["blk.0.attn_qkv.weight"] == gguf.GGMLQuantizationType[weights]
+    if sensitive:  # the output matrix and the token embeddings kept at 8 bits
+        assert types["token_embd.weight"] == gguf.GGMLQuantizationType[sensitive]
+        assert types.get("output.weight", types["token_embd.weight"]) == gguf.GGMLQuantizationType[sensitive]
     assert not (tmp_path / "backbone.f16.gguf.partial").exists()
 
 
