@@ -26,10 +26,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from app.agents import Agent, Event, FinalAnswer, TextDelta, ToolCallEvent, ToolResultEvent
+import numpy as np
+
+from app.agents import (
+    Agent,
+    Event,
+    FinalAnswer,
+    TextDelta,
+    ToolCallEvent,
+    ToolResultEvent,
+)
 from app.agents.events import AgentResult
 from app.agents.messages import result_text
-from app.engine_api import AUDIO, IMAGE, ContextFull, Engine, Sampling, Usage
+from app.engine_api import (
+    AUDIO,
+    IMAGE,
+    ContextFull,
+    Engine,
+    EngineError,
+    Sampling,
+    Usage,
+)
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant running locally on the user's computer."
 
@@ -115,6 +132,17 @@ def format_usage(usage: Usage) -> str:
               f"decode {usage.decode_tokens_per_s:,.1f} tok/s",
               f"TTFT {usage.ttft_ms / 1000:,.2f} s"]
     return " · ".join(parts)
+
+
+def longest_recording_minutes(engine: Engine, headroom: int = 512) -> float | None:
+    """Minutes of audio that fit in the engine's context, leaving `headroom` tokens for the
+    instruction and the answer; None for a model that cannot hear."""
+    try:
+        per_minute = engine.count_tokens({"type": AUDIO, AUDIO: (np.zeros(60 * 16_000, np.float32), 16_000)})
+    except EngineError:  # a model that cannot hear
+        return None
+    return max(engine.n_ctx - headroom, 0) / per_minute
+
 
 
 class Conversation:

@@ -29,3 +29,9 @@ def test_files_that_cannot_be_read_or_priced_are_left_out_of_the_note(tmp_path):
     h = handlers(tmp_path)
     assert h.attachments_note({"files": [str(bomb), str(tmp_path / "photo.jpg")]}, 4, None, 1) == ""
     assert handlers(tmp_path, modalities=()).detail_note(4, (640, 480)) == ""  # a text-only model
+
+
+def test_the_voice_panel_says_how_long_a_recording_can_be(tmp_path):
+    # The scripted engine prices any clip at 13 tokens: (4096 - 512) / 13 = 275.7 "minutes".
+    assert handlers(tmp_path).recording_note() == "At this context (4,096 tokens) a recording can be up to about 276 min long."
+    assert handlers(tmp_path, modalities=("image",)).recording_note() == ""

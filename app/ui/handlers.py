@@ -16,10 +16,16 @@ from typing import Any, Callable, Iterator, Mapping
 import gradio as gr
 from PIL import Image
 
-from app import conversation_store, media
-from app.conversation import Attachment, Busy, Conversation, Settings, Unsupported
+from app import conversation_store, media, speech_out
+from app.conversation import (
+    Attachment,
+    Busy,
+    Conversation,
+    Settings,
+    Unsupported,
+    longest_recording_minutes,
+)
 from app.engine_api import AUDIO, IMAGE, Engine, EngineError
-from app import speech_out
 from app.ui.one_thread import run_in_thread
 from app.ui.render import chat_messages
 
@@ -94,6 +100,13 @@ class Handlers:
         return Conversation(self.engine, self.tools, settings, self.unsupported_reason)
 
     # -- token costs ----------------------------------------------------------------------
+
+    def recording_note(self) -> str:
+        """How long a recording the context holds (Phi-4-multimodal reads 12.5 audio tokens a second)."""
+        minutes = longest_recording_minutes(self.engine)
+        if minutes is None:
+            return ""
+        return f"At this context ({self.engine.n_ctx:,} tokens) a recording can be up to about {minutes:,.0f} min long."
 
     def detail_note(self, max_crops: int, example: tuple[int, int]) -> str:
         """What an image of the example size costs at this detail, from the loaded encoder's config."""

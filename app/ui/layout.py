@@ -100,7 +100,7 @@ def build_layout(handlers: Handlers) -> Layout:
 
         with gr.Column(scale=2):
             with gr.Accordion("Voice", open=True, elem_id="voice-panel"):
-                gr.Markdown("Hold the button or **Space** to talk; release to send."
+                gr.Markdown(f"Hold the button or **Space** to talk; release to send. {handlers.recording_note()}"
                             if can_hear else f"Voice is unavailable: {reason}.",
                             elem_classes=[] if can_hear else ["unavailable"], elem_id="voice-note")
                 voice = gr.Audio(sources=["microphone", "upload"], type="filepath", elem_id="voice",

@@ -21,12 +21,12 @@ from typing import Any, Callable, Sequence
 from app import model_store
 from app.engine_api import Engine
 from app.media import MediaError, read_audio
+from app.speech_out import Speaker, WavWriter
+from app.speech_out import available as speech_available
 
 from .assistant import Listener, VoiceAssistant, answer_recording
 from .capture import MicrophoneUnavailable, list_input_devices, open_microphone
 from .segmenter import UtteranceSegmenter
-from app.speech_out import Speaker, WavWriter
-from app.speech_out import available as speech_available
 
 PROG = "phi4mm-voice"
 
@@ -130,7 +130,9 @@ def default_model_dir() -> tuple[Path, str]:
 def load_engine(args: argparse.Namespace) -> Engine:
     if args.backend:
         return connect_backend(args)
-    from app.engine import LocalEngine  # imported late: --list-devices and bad input fail fast without it
+    from app.engine import (
+        LocalEngine,  # imported late: --list-devices and bad input fail fast without it
+    )
 
     if args.model:
         model = Path(args.model).expanduser()
@@ -185,6 +187,15 @@ def make_segmenter(args: argparse.Namespace, rate: int, push_to_talk: bool) -> U
         rate, frame_ms=args.frame_ms, aggressiveness=args.aggressiveness, pre_roll_s=args.pre_roll,
         post_roll_s=min(0.3, args.hangover), hangover_s=args.hangover, max_utterance_s=args.max_utterance,
         push_to_talk=push_to_talk)
+
+
+def say_recording_limit(engine: Engine) -> None:
+    from app.conversation import longest_recording_minutes
+
+    minutes = longest_recording_minutes(engine)
+    if minutes is not None:
+        status(f"at this context ({engine.n_ctx:,} tokens) one turn can hold about {minutes:,.0f} min of speech "
+               f"(--ctx sets it)")
 
 
 def make_assistant(args: argparse.Namespace, engine: Engine, speaker: Speaker | None) -> VoiceAssistant:
@@ -267,6 +278,7 @@ def run_file(args: argparse.Namespace) -> int:
     except MediaError as err:  # its message starts with the path
         raise Failure(f"cannot read --wav {err}") from None
     engine = load_engine(args)
+    say_recording_limit(engine)
     speaker = make_speaker(args, live=False)
     try:
         assistant = make_assistant(args, engine, speaker)
@@ -295,6 +307,7 @@ def run_live(args: argparse.Namespace) -> int:
     push_to_talk = args.mode == "ptt"
     keys = KeyPresses(args.key, lambda: None) if push_to_talk else None  # checks --key before the model loads
     engine = load_engine(args)
+    say_recording_limit(engine)
     speaker = make_speaker(args, live=True)
     try:
         assistant = make_assistant(args, engine, speaker)
