@@ -159,3 +159,25 @@ def test_a_prompt_that_cannot_fit_is_refused_before_any_encoder_runs(tiny_model,
 def test_a_clip_too_short_for_one_feature_frame_is_a_clear_error(engine):
     with pytest.raises(PromptError, match="too short"):
         engine.next_token_logits([{"role": "user", "content": [{"type": "audio", "audio": (np.zeros(10), SR)}]}])
+
+
+@pytest.mark.slow
+def test_a_five_minute_recording_is_heard_in_memory_that_grows_linearly(engine):
+    """Phi-4-multimodal was trained on summaries of recordings up to 30 minutes: a long clip must
+    cost memory in proportion to its length (the conformer attends within 500-frame windows),
+    not to its square."""
+    import tracemalloc
+
+    from tests.test_engine_multimodal import speech_like
+
+    peaks = {}
+    for seconds in (30, 300):
+        clip = speech_like(seconds, 11)
+        messages = [{"role": "user", "content": [{"type": "audio", "audio": (clip, SR)},
+                                                 {"type": "text", "text": "Summarize the audio."}]}]
+        tracemalloc.start()
+        _, usage = engine.next_token_logits(messages)
+        peaks[seconds] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert usage.adapter == "speech" and usage.prompt_tokens > seconds * 12
+    assert peaks[300] < 15 * peaks[30], peaks  # 10x the audio; a quadratic cost would be ~100x
