@@ -51,6 +51,7 @@ from app.engine_api import (
 )
 
 OUR_SERVER = "phi4mm-local"  # what our own API puts in `owned_by`
+LLAMA_CPP_SERVER = "me"      # what llama-cpp-python's server puts there
 DEFAULT_CONTEXT = 8192       # when the server does not say
 AUDIO_FILE_FORMATS = {".wav": "wav", ".mp3": "mp3", ".flac": "flac", ".ogg": "ogg"}
 
@@ -94,6 +95,7 @@ class RemoteEngine:
         served = self._served_models()
         first = served[0]
         self.ours = getattr(first, "owned_by", None) == OUR_SERVER
+        self.llama_cpp = getattr(first, "owned_by", None) == LLAMA_CPP_SERVER
         extra = first.model_extra or {}
         models = models or RemoteModels()
         base = models.text or first.id
@@ -142,8 +144,11 @@ class RemoteEngine:
 
     @property
     def constraints(self) -> frozenset[str]:
-        # Our server and llama-cpp-python's take a GBNF grammar; vLLM and OpenAI a JSON schema.
-        return frozenset({GBNF, JSON_SCHEMA}) if self.ours else frozenset({JSON_SCHEMA})
+        # Our server and llama-cpp-python's take a GBNF grammar (the latter no json_schema
+        # response_format); vLLM and OpenAI a JSON schema.
+        if self.ours:
+            return frozenset({GBNF, JSON_SCHEMA})
+        return frozenset({GBNF}) if self.llama_cpp else frozenset({JSON_SCHEMA})
 
     def count_tokens(self, part: dict[str, Any]) -> int:
         """The processor's own formulas, computed here (no encoder needed); text is an estimate."""
@@ -189,7 +194,7 @@ class RemoteEngine:
         model = self.models.text
         if not self.ours and chosen is not None:  # vLLM: the LoRA is a model name
             model = getattr(self.models, chosen) or model
-        body: dict[str, Any] = {"model": model, "messages": [self._message(m) for m in messages],
+        body: dict[str, Any] = {"model": model, "messages": [self._message(m, i) for i, m in enumerate(messages)],
                                 "max_tokens": max(1, sampling.max_tokens), "temperature": sampling.temperature,
                                 "top_p": sampling.top_p}
         extra: dict[str, Any] = {}
@@ -206,7 +211,10 @@ class RemoteEngine:
         if sampling.json_schema is not None:
             body["response_format"] = {"type": "json_schema",
                                        "json_schema": {"name": "output", "schema": sampling.json_schema}}
-        if not self.ours:
+        if self.llama_cpp:
+            # its own defaults (repeat penalty 1.1, min-p 0.05, top-k 40) would change the answer
+            extra.update(repeat_penalty=1.0, min_p=0.0, top_k=sampling.top_k)
+        elif not self.ours:
             extra["skip_special_tokens"] = False  # the tool-call markup must come back (vLLM)
             if messages and messages[-1].get("role") == "assistant":
                 extra.update(continue_final_message=True, add_generation_prompt=False)  # vLLM
@@ -215,8 +223,12 @@ class RemoteEngine:
         body["_adapter"] = chosen
         return body
 
-    def _message(self, message: dict[str, Any]) -> dict[str, Any]:
+    def _message(self, message: dict[str, Any], index: int) -> dict[str, Any]:
         out: dict[str, Any] = {"role": message["role"]}
+        if message["role"] == "tool":
+            # The calls are the model's own markup, not OpenAI tool_calls, so there is no id to
+            # answer; servers that insist on one (llama-cpp-python's) get a stable stand-in.
+            out["tool_call_id"] = message.get("tool_call_id") or f"call_{index}"
         content = message.get("content") or ""
         out["content"] = content if isinstance(content, str) else [self._part(p) for p in content]
         if message.get("tools") is not None:
@@ -254,7 +266,7 @@ class RemoteEngine:
         except self._openai.APIConnectionError as e:
             raise EngineError(f"cannot reach {self.url}: {e.__cause__ or e}") from None
         first = last = None
-        finish_reason, server_usage, timings = "stop", None, {}
+        finish_reason, server_usage, timings, pieces = "stop", None, {}, 0
         try:
             for chunk in stream:
                 if chunk.usage is not None:
@@ -264,9 +276,12 @@ class RemoteEngine:
                         now = time.perf_counter()
                         first = first or now
                         last = now
+                        pieces += 1
                         yield Chunk(choice.delta.content)
                     if choice.finish_reason:
                         finish_reason = choice.finish_reason
+        except self._openai.APIConnectionError as e:  # the stream broke: the server went away
+            raise EngineError(f"the server at {self.url} went away mid-answer: {e.__cause__ or e}") from None
         except self._openai.APIError as e:
             raise EngineError(f"the server at {self.url} failed mid-answer: {_message(e)}") from None
         except (OSError, ValueError) as e:  # the connection broke (httpx raises these kinds)
@@ -274,7 +289,8 @@ class RemoteEngine:
         finally:
             stream.close()
         end = time.perf_counter()
-        completion_tokens = server_usage.completion_tokens if server_usage else 0
+        # A server that reports no usage in a stream (llama-cpp-python's): a piece is about a token.
+        completion_tokens = server_usage.completion_tokens if server_usage else pieces
         details = getattr(server_usage, "prompt_tokens_details", None)
         usage = Usage(adapter=timings.get("adapter", adapter), prompt_tokens=server_usage.prompt_tokens if server_usage else 0,
                       cached_tokens=(details.cached_tokens or 0) if details else 0, completion_tokens=completion_tokens,
