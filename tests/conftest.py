@@ -41,3 +41,16 @@ def unavailable(reason: str) -> None:
     if in_ci():
         pytest.fail(f"{reason}; CI installs it (.ci/run)")
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A converted tiny Phi-4-multimodal (random weights; both encoders and LoRAs; f32; 4,096
+    positions), made once for every suite that only needs a real model folder to run."""
+    from convert.pipeline import convert_checkpoint
+    from tests.tiny_checkpoint import TinyShapes, build_reference, save_native
+
+    src, out = tmp_path_factory.mktemp("tiny-ckpt"), tmp_path_factory.mktemp("tiny-model")
+    save_native(build_reference(TinyShapes(max_ctx=4096), seed=2), src)
+    convert_checkpoint(src, out, "f32", quiet=True)
+    return out

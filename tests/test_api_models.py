@@ -60,17 +60,10 @@ def test_streamed_text_equals_the_plain_text_at_temperature_0(smollm2):
 # -- a tiny converted Phi-4-multimodal ----------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from convert.pipeline import convert_checkpoint
-    from tests.tiny_checkpoint import TinyShapes, build_reference, save_native
-
-    folder = tmp_path_factory.mktemp("api-tiny")
-    ref = build_reference(TinyShapes(max_ctx=4096), seed=2)
-    save_native(ref, folder / "ckpt")
-    convert_checkpoint(folder / "ckpt", folder / "model", "f32", quiet=True)
-    engine = LocalEngine.load(folder / "model", n_ctx=4096)
+def tiny(tiny_model):
+    engine = LocalEngine.load(tiny_model, n_ctx=4096)
     with serving(engine, model_name="tiny") as url:
-        yield ref, engine, openai.OpenAI(base_url=url, api_key="unused")
+        yield engine, openai.OpenAI(base_url=url, api_key="unused")
     engine.close()
 
 
@@ -94,7 +87,7 @@ def text_only_tokens(client, text: str) -> int:
 
 
 def test_an_image_part_costs_what_the_processor_counts(tiny):
-    _, _, client = tiny
+    _, client = tiny
     image = picture(640, 480)
     for detail, crops in (("low", 1), ("high", None)):
         reply = client.chat.completions.create(model="tiny", max_tokens=2, messages=[{"role": "user", "content": [
@@ -108,7 +101,7 @@ def test_an_image_part_costs_what_the_processor_counts(tiny):
 def test_an_audio_part_costs_what_the_feature_extractor_counts(tiny):
     from transformers import Phi4MultimodalFeatureExtractor
 
-    _, _, client = tiny
+    _, client = tiny
     samples = speech_like(2.3)
     quantised = np.round(np.clip(samples, -1, 1) * 32767) / 32767  # what the WAV carries
     n_audio = int(Phi4MultimodalFeatureExtractor()(quantised.astype(np.float32), sampling_rate=SR,

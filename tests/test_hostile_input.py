@@ -64,16 +64,7 @@ def test_long_runs_are_tokenized_in_pieces_and_normal_text_whole():
 
 # -- slow: the tiny converted Phi-4-multimodal ---------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from convert.pipeline import convert_checkpoint
-    from tests.tiny_checkpoint import TinyShapes, build_reference, save_native
-
-    src, out = tmp_path_factory.mktemp("hostile-ckpt"), tmp_path_factory.mktemp("hostile-model")
-    save_native(build_reference(TinyShapes(max_ctx=4096), seed=2), src)
-    convert_checkpoint(src, out, "f32", quiet=True)
-    return out
-
+# tiny_model: the converted tiny checkpoint of tests/conftest.py
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):

@@ -165,18 +165,7 @@ def wire_body(engine: RemoteEngine, messages: list[dict], sampling: Sampling) ->
 
 # == 1. our own server, and the embedded engine on the same folder ===================================
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A converted tiny Phi-4-multimodal (random weights, both encoders and LoRAs), as
-    tests/test_hostile_input.py's."""
-    from convert.pipeline import convert_checkpoint
-    from tests.tiny_checkpoint import TinyShapes, build_reference, save_native
-
-    src, out = tmp_path_factory.mktemp("remote-ckpt"), tmp_path_factory.mktemp("remote-model")
-    save_native(build_reference(TinyShapes(max_ctx=N_CTX), seed=2), src)
-    convert_checkpoint(src, out, "f32", quiet=True)
-    return out
-
+# tiny_model: the converted tiny checkpoint of tests/conftest.py
 
 @dataclass
 class Pair:
