@@ -7,7 +7,13 @@ import pytest
 from app.engine import LocalEngine
 from convert.pipeline import convert_checkpoint
 from tests.reference import reference_logits, rel_err
-from tests.tiny_checkpoint import TinyShapes, build_reference, save_native, save_remote_code
+from tests.signals import picture, speech_like
+from tests.tiny_checkpoint import (
+    TinyShapes,
+    build_reference,
+    save_native,
+    save_remote_code,
+)
 
 pytestmark = pytest.mark.slow  # transformers + peft reference and converted checkpoints
 
@@ -30,15 +36,6 @@ def engine(request, ref, tmp_path_factory):
     eng = LocalEngine.load(out, n_ctx=4096, kv_type="f32")
     yield eng
     eng.close()
-
-
-def speech_like(seconds: float, seed: int = 0) -> np.ndarray:
-    """A few harmonics with a syllable-rate envelope and a little noise: not silence, not white noise."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * SR)) / SR
-    tone = sum(np.sin(2 * np.pi * f * t + rng.uniform(0, 6)) / k for k, f in enumerate((180, 360, 720, 1500), 1))
-    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t)
-    return (0.2 * tone * envelope + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
 
 
 def audio_reference_inputs(ref, samples: np.ndarray, text: str):
@@ -85,15 +82,6 @@ def test_audio_embeddings_are_reused_across_turns(engine):
     _, usage = engine.next_token_logits(follow)
     assert usage.encoder_ms < first.encoder_ms or usage.encoder_ms < 1.0
     assert usage.cached_tokens >= first.prompt_tokens
-
-
-def picture(width: int, height: int, seed: int = 0):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([127 + 100 * np.sin(x / 23 + c) * np.cos(y / 17 - c) for c in range(3)], -1)
-    return Image.fromarray(np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8))
 
 
 def image_reference_inputs(images, max_crops: int) -> tuple[list[int], dict]:

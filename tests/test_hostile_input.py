@@ -117,7 +117,7 @@ def test_spelled_special_tokens_from_a_user_or_a_tool_are_plain_text(engine, rol
 
 @pytest.mark.slow
 def test_non_finite_audio_is_refused_and_never_poisons_the_engine(engine):
-    from tests.test_engine_multimodal import speech_like
+    from tests.signals import speech_like
 
     clean = [{"role": "user", "content": [{"type": "audio", "audio": (speech_like(1.5, 7), SR)},
                                           {"type": "text", "text": "Transcribe the audio clip into text."}]}]
@@ -159,7 +159,7 @@ def test_a_five_minute_recording_is_heard_in_memory_that_grows_linearly(engine):
     not to its square."""
     import tracemalloc
 
-    from tests.test_engine_multimodal import speech_like
+    from tests.signals import speech_like
 
     peaks = {}
     for seconds in (30, 300):

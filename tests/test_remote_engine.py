@@ -39,7 +39,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from PIL import Image
 
-from app.agents import Agent, FinalAnswer, TextDelta, tool_call_grammar, tool_calls_schema, tool_from_function
+from app.agents import (
+    Agent,
+    FinalAnswer,
+    TextDelta,
+    tool_call_grammar,
+    tool_calls_schema,
+    tool_from_function,
+)
 from app.agents.messages import system_message
 from app.conversation import Attachment, Conversation, Settings
 from app.engine_api import AUDIO, GBNF, IMAGE, JSON_SCHEMA, EngineError, Sampling
@@ -47,6 +54,7 @@ from app.remote_engine import DEFAULT_CONTEXT, RemoteEngine, RemoteModels, conne
 from tests.api_server import free_port, serving
 from tests.conftest import require
 from tests.fakes import ScriptedEngine
+from tests.signals import picture, speech_like
 
 REPO = Path(__file__).resolve().parents[1]
 N_CTX = 4096
@@ -60,23 +68,6 @@ def weather(city: Literal["Paris", "Tokyo", "Lima"]) -> str:
 
 # picture and speech_like are tests/test_engine_multimodal.py's, copied: importing that module
 # loads torch and transformers, which the fast tests here do without.
-
-def picture(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A smooth pattern with noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([127 + 100 * np.sin(x / 23 + c) * np.cos(y / 17 - c) for c in range(3)], -1)
-    return Image.fromarray(np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8))
-
-
-def speech_like(seconds: float, seed: int = 0) -> np.ndarray:
-    """A few harmonics with a syllable-rate envelope and a little noise."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * SR)) / SR
-    tone = sum(np.sin(2 * np.pi * f * t + rng.uniform(0, 6)) / k for k, f in enumerate((180, 360, 720, 1500), 1))
-    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t)
-    return (0.2 * tone * envelope + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
-
 
 def ask(conversation: Conversation, text: str, attachments=(), settings: Settings | None = None
         ) -> tuple[FinalAnswer, list[str]]:
