@@ -201,9 +201,12 @@ class Api:
                                                                    finish_reason=finish_reason)]))
 
         yield chunk(ChoiceDelta(role="assistant", content=""))
+        text_frame = _TextFrames(ChatCompletionChunk(
+            id=ident, object="chat.completion.chunk", created=created, model=self.config.model_name,
+            choices=[ChunkChoice(index=0, delta=ChoiceDelta(content=""))]), ("choices", 0, "delta"), "content")
         async for kind, value in run.events(first):
             if kind == "text":
-                yield chunk(ChoiceDelta(content=value))
+                yield text_frame(value)
                 continue
             reply: Reply = value
             for index, call in enumerate(reply.calls):
@@ -265,10 +268,12 @@ class Api:
             return JSONResponse(response(text, reply, True).model_dump(exclude_none=True))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
+        text_frame = _TextFrames(response("", None, False), ("choices", 0), "text")
+
         async def frames() -> AsyncIterator[str]:
             async for kind, value in run.events(first):
                 if kind == "text":
-                    yield _frame(response(value, None, False))
+                    yield text_frame(value)
                 else:
                     self._observe(value.usage)
                     yield _frame(response("", value, False))
@@ -491,6 +496,23 @@ def _frame(model: Any) -> str:
 
 def _frame_dict(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class _TextFrames:
+    """The frames of a stream's text pieces, one per token: the chunk is built and checked as
+    its openai type once, then only its text changes. (Building the pydantic object for every
+    token was a fifth of the event loop's time, taken from the llama.cpp threads on a small machine.)"""
+
+    def __init__(self, chunk: Any, at: tuple[str | int, ...], key: str):
+        self.data = chunk.model_dump(exclude_none=True)
+        self.holder = self.data
+        for step in at:
+            self.holder = self.holder[step]
+        self.key = key
+
+    def __call__(self, text: str) -> str:
+        self.holder[self.key] = text
+        return _frame_dict(self.data)
 
 
 def _as_api_error(e: BaseException) -> ApiError:
