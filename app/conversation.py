@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -145,6 +146,22 @@ def longest_recording_minutes(engine: Engine, headroom: int = 512) -> float | No
 
 
 
+class _MediaCopies:
+    """A temporary folder of attachment copies, removed with the last conversation that uses it
+    (a conversation and its copies share one), or when the process exits."""
+
+    def __init__(self):
+        self.folder = Path(tempfile.mkdtemp(prefix="phi4mm-media-"))
+        self._lock = threading.Lock()
+        weakref.finalize(self, shutil.rmtree, self.folder, ignore_errors=True)
+
+    def copy(self, source: Path) -> str:
+        with self._lock:
+            target = self.folder / f"{len(os.listdir(self.folder)):03d}-{source.name}"
+            shutil.copyfile(source, target)
+        return str(target)
+
+
 class Conversation:
     """A conversation with one engine and a set of tools (name -> function)."""
 
@@ -158,7 +175,7 @@ class Conversation:
         self.turns: list[Turn] = []
         self.messages: list[dict[str, Any]] = []
         self.saved_to: str | None = None
-        self.media_dir: str | None = None  # private copies of the attachments (see `keep`)
+        self._copies: _MediaCopies | None = None  # private copies of the attachments (see `keep`)
         self._agent = Agent(engine, messages=self.messages, max_result_chars=8000)
         self._cancel = threading.Event()
 
@@ -168,7 +185,7 @@ class Conversation:
         twin = Conversation(self.engine, self.tools, copy.deepcopy(self.settings, memo), self.unsupported_reason)
         twin.turns = copy.deepcopy(self.turns, memo)
         twin.messages[:] = copy.deepcopy(self.messages, memo)
-        twin.saved_to, twin.media_dir = self.saved_to, self.media_dir
+        twin.saved_to, twin._copies = self.saved_to, self._copies
         return twin
 
     # -- state ----------------------------------------------------------------------------
@@ -197,12 +214,9 @@ class Conversation:
         """A private copy of a file to attach. The web server rewrites the files of its own
         cache when it sends the chat to the browser, and the model must never read one of
         those half-written."""
-        if self.media_dir is None or not Path(self.media_dir).is_dir():
-            self.media_dir = tempfile.mkdtemp(prefix="phi4mm-media-")
-        source = Path(path)
-        target = Path(self.media_dir) / f"{len(os.listdir(self.media_dir)):03d}-{source.name}"
-        shutil.copyfile(source, target)
-        return str(target)
+        if self._copies is None or not self._copies.folder.is_dir():
+            self._copies = _MediaCopies()
+        return self._copies.copy(Path(path))
 
     # -- asking ---------------------------------------------------------------------------
 

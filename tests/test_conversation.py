@@ -330,3 +330,23 @@ def test_a_damaged_saved_conversation_is_listed_and_reported_and_the_others_stil
         with pytest.raises(ValueError, match=f"{name}: .*conversation.json"):
             conversation_store.load(tmp_path / name, engine)
     assert conversation_store.load(good, engine).turns[0].answer == "Fine."
+
+
+def test_the_private_copies_of_attachments_go_with_the_last_conversation_that_uses_them(tmp_path):
+    import copy
+    import gc
+    from pathlib import Path
+
+    source = tmp_path / "photo.png"
+    Image.new("RGB", (8, 8)).save(source)
+    conversation = Conversation(ScriptedEngine(["ok"]))
+    kept = Path(conversation.keep(source))
+    assert kept.read_bytes() == source.read_bytes() and kept.parent != tmp_path
+    twin = copy.deepcopy(conversation)  # the page's per-session copy shares the files
+    assert Path(twin.keep(source)).parent == kept.parent
+    del conversation
+    gc.collect()
+    assert kept.exists()
+    del twin
+    gc.collect()
+    assert not kept.parent.exists()
