@@ -84,14 +84,24 @@ class _Window:
     adapters: tuple[str, ...] = ()
 
 
+def _is_data(value: Any) -> bool:
+    return isinstance(value, (bytes, bytearray, memoryview))
+
+
 def _image_of(value: Any) -> Image.Image:
-    """An image part's value: a PIL image as it is, a file through the media reader's cache."""
-    return value if isinstance(value, Image.Image) else media.load_image_file(value)
+    """An image part's value: a PIL image as it is, a file's bytes decoded, a file through the
+    media reader's cache."""
+    if isinstance(value, Image.Image):
+        return value
+    return media.read_image(value) if _is_data(value) else media.load_image_file(value)
 
 
 def _audio_of(value: Any) -> tuple[np.ndarray, int]:
-    """An audio part's value: (samples, sample_rate) as it is, a file through the media reader's cache."""
-    return value if isinstance(value, tuple) else media.load_audio_file(value)
+    """An audio part's value: (samples, sample_rate) as it is, a file's bytes decoded, a file
+    through the media reader's cache."""
+    if isinstance(value, tuple):
+        return value
+    return media.read_audio(value) if _is_data(value) else media.load_audio_file(value)
 
 
 def _audio_seconds(value: Any) -> float:
@@ -252,9 +262,14 @@ class LocalEngine:
         return rows
 
     def _segments(self, prompt: Prompt) -> tuple[list[_Segment], float]:
-        """The prompt's positions. Their number is checked against the context before any image
-        or audio is encoded: a prompt that cannot fit costs no encoder time."""
-        segments, prepared, first_text = [], [], True
+        """The prompt's positions. Their number is checked against the context twice before any
+        image or audio is encoded: first as counted from the media's headers (an image's size, a
+        clip's length), before anything is decoded, so that a prompt that cannot fit costs
+        neither the decoding of a 64-megapixel image nor the resampling of an hour of audio; then
+        exactly, from the decoded media."""
+        segments: list[_Segment | None] = []
+        pending: list[tuple[int, Media]] = []
+        first_text = True
         for piece in prompt.pieces:
             if isinstance(piece, (str, Text)):
                 # The template's markup may spell special tokens; text from a message only where
@@ -265,11 +280,18 @@ class LocalEngine:
                 if tokens:
                     segments.append(_Segment(keys=list(tokens), tokens=tokens))
             else:
-                item = self._prepare(piece, prompt)
-                prepared.append((len(segments), item))
-                segments.append(_Segment(keys=[(item.digest, i) for i in range(item.n_tokens)]))
+                pending.append((len(segments), piece))
+                segments.append(None)
         if not segments:
             raise PromptError("the prompt is empty")
+        n_text = sum(len(s.keys) for s in segments if s is not None)
+        self._window_for(n_text + sum(self.count_tokens({"type": p.kind, p.kind: p.value, **p.options})
+                                      for _, p in pending))
+        prepared = []
+        for index, piece in pending:
+            item = self._prepare(piece, prompt)
+            prepared.append((index, item))
+            segments[index] = _Segment(keys=[(item.digest, i) for i in range(item.n_tokens)])
         self._window_for(sum(len(s.keys) for s in segments))  # ContextFull now, before the encoders run
         t0 = time.perf_counter()
         for index, item in prepared:
@@ -385,8 +407,11 @@ class LocalEngine:
         if kind == AUDIO:
             if self.speech is None:
                 raise EngineError("this model has no speech encoder: it cannot hear audio")
-            seconds = _audio_seconds(part[AUDIO])
-            return self.speech.num_tokens(round(seconds * self.speech.sample_rate))
+            samples = round(_audio_seconds(part[AUDIO]) * self.speech.sample_rate)
+            try:
+                return self.speech.num_tokens(samples)
+            except ValueError as e:
+                raise PromptError(f"an audio clip of {samples} samples at 16 kHz is too short: {e}") from None
         raise PromptError(f"unknown content type {kind!r} (text, image, audio)")
 
     def _generate(self, messages: list[dict] | str, sampling: Sampling, adapter: str | None,

@@ -8,9 +8,10 @@
 
 Messages have the OpenAI-like shape
     {"role": "user", "content": "..." | [{"type": "text", "text": ...},
-                                         {"type": "image", "image": PIL.Image | path, "max_crops": n},
-                                         {"type": "audio", "audio": (samples, sample_rate) | path}]}
-with roles system, user, assistant and tool. A system message may carry the tools the model can
+                                         {"type": "image", "image": PIL.Image | path | bytes, "max_crops": n},
+                                         {"type": "audio", "audio": (samples, sample_rate) | path | bytes}]}
+with roles system, user, assistant and tool (bytes: a file's own, which the engine decodes only
+once it has counted the prompt against its context). A system message may carry the tools the model can
 call and an assistant message its calls, both in the model's own format, written by app.agents.
 Instead of messages, a string is a raw prompt: no chat template (OpenAI's /v1/completions). The local llama.cpp engine (app/engine.py) implements this contract; so can an engine that
 talks to a server. Everything an answer cost travels with it, in `Usage`.

@@ -32,7 +32,7 @@ _SLOT_RE = re.compile("\x00(text|media)(\\d+)\x00")
 class Media:
     """An image or audio item in the prompt, in order of appearance."""
     kind: str     # IMAGE or AUDIO
-    value: Any    # image: PIL.Image or a file path; audio: (samples, sample_rate) or a file path
+    value: Any    # image: PIL.Image, a file path or the file's bytes; audio: (samples, sample_rate), a path or bytes
     options: dict  # per-item options from the content part (e.g. max_crops)
 
 
@@ -119,8 +119,9 @@ def _part_text(part: Any, index: int, slots: _Slots, special: bool) -> str:
     value = part.get(kind)
     if value is None:
         raise PromptError(f"message {index}: {kind} part without an {kind!r} value")
-    if kind == AUDIO and not (isinstance(value, (str, os.PathLike)) or (isinstance(value, tuple) and len(value) == 2)):
-        raise PromptError(f"message {index}: audio must be (samples, sample_rate) or a file path")
+    if kind == AUDIO and not (isinstance(value, (str, os.PathLike, bytes, bytearray, memoryview))
+                              or (isinstance(value, tuple) and len(value) == 2)):
+        raise PromptError(f"message {index}: audio must be (samples, sample_rate), a file path or the file's bytes")
     options = {k: v for k, v in part.items() if k not in ("type", kind)}
     return slots.item(Media(kind, value, options))
 

@@ -470,15 +470,15 @@ def test_image_for_a_model_that_cannot_read_images(serve):
 
 
 def test_valid_media_reach_the_engine(serve):
-    """The control for the media errors: a real PNG and WAV are decoded and passed on."""
+    """The control for the media errors: a real PNG and WAV are passed on as their files' bytes,
+    for the engine to decode once it knows the prompt fits."""
     api = serve("an image", "a sound")
     api.client.chat.completions.create(model=MODEL, messages=image_message(data_url(png_bytes())))
     api.client.chat.completions.create(model=MODEL, messages=audio_message(base64.b64encode(wav_bytes()).decode()))
     image_part = api.engine.requests[0]["messages"][0]["content"][1]
     audio_part = api.engine.requests[1]["messages"][0]["content"][1]
-    assert image_part["type"] == IMAGE and image_part[IMAGE].size == (8, 8)
-    samples, rate = audio_part[AUDIO]
-    assert rate == 16000 and len(samples) == 1600
+    assert image_part["type"] == IMAGE and image_part[IMAGE] == png_bytes()
+    assert audio_part["type"] == AUDIO and audio_part[AUDIO] == wav_bytes()
 
 
 def test_remote_and_file_urls_are_not_fetched(serve, tmp_path):
@@ -497,7 +497,7 @@ def test_remote_and_file_urls_are_not_fetched(serve, tmp_path):
         remote = serve("a cat", "ok", allow_remote_media=True)
         remote.client.chat.completions.create(model=MODEL, messages=image_message(url))
         assert hits == ["/cat.png"]
-        assert remote.engine.requests[0]["messages"][0]["content"][1][IMAGE].size == (8, 8)
+        assert remote.engine.requests[0]["messages"][0]["content"][1][IMAGE] == png_bytes()
         with pytest.raises(openai.BadRequestError) as info:
             remote.client.chat.completions.create(model=MODEL, messages=image_message(picture.as_uri()))
         raised(info, 400)

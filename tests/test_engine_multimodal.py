@@ -158,7 +158,11 @@ def test_count_tokens_is_what_the_prompt_costs(engine, tmp_path):
 def test_missing_encoder_and_bad_media_give_clear_errors(engine):
     from app.prompt import PromptError
 
+    from app.media import MediaError
+
     with pytest.raises(PromptError, match="audio must be"):
+        _, usage = engine.next_token_logits([{"role": "user", "content": [{"type": "audio", "audio": [0.1, 0.2]}]}])
+    with pytest.raises(MediaError, match="not a WAV file or any other audio format"):
         _, usage = engine.next_token_logits([{"role": "user", "content": [{"type": "audio", "audio": b"raw"}]}])
     with pytest.raises(PromptError, match="unknown content type"):
         _, usage = engine.next_token_logits([{"role": "user", "content": [{"type": "video", "video": 1}]}])

@@ -463,8 +463,7 @@ def test_non_finite_audio_is_refused(tmp_path, bad, encoding):
     path.write_bytes(data)
     with pytest.raises(MediaError, match="poisoned.wav: the audio holds NaN or infinite samples"):
         load_audio_file(path)
-    with pytest.raises(MediaError, match="NaN or infinite"):
-        audio_duration(data)
+    assert audio_duration(data) == pytest.approx(len(clip) / RATE)  # the header: the samples are refused when read
 
 
 def test_non_finite_audio_through_libsndfile_is_refused():

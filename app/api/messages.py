@@ -1,4 +1,4 @@
-"""OpenAI chat messages -> the engine's messages: media decoded, tool calls in the model's format.
+"""OpenAI chat messages -> the engine's messages: media as their files' bytes, tool calls in the model's format.
 
     messages = engine_messages(request.messages, MediaPolicy(), modalities=engine.modalities)
 
@@ -77,19 +77,27 @@ def _part(part: Any, i: int, k: int, policy: MediaPolicy, modalities: frozenset[
     if kind not in modalities:
         noun = "images" if kind == IMAGE else "audio"
         raise ApiError(f"{where}: this model cannot read {noun}", param=where, code="unsupported_modality")
+    # The file's bytes go to the engine, which decodes them once it has counted the prompt against
+    # its context (so a request of twelve 64-megapixel images is refused before any is decoded, and
+    # decoding happens on the generation's thread, not on the server's event loop). Here only
+    # their headers are read: what is not an image or audio file at all is a 400 naming the part.
     try:
         if isinstance(part, ImagePart):
-            image = media.read_image(_fetch(part.image_url.url, where, policy))
+            data = _fetch(part.image_url.url, where, policy)
+            media.image_info(data)
             max_crops = part.image_url.max_crops or MAX_CROPS_BY_DETAIL[part.image_url.detail]
-            return {"type": IMAGE, IMAGE: image, "max_crops": max_crops}
+            return {"type": IMAGE, IMAGE: data, "max_crops": max_crops}
         if isinstance(part, AudioPart):
             fmt = part.input_audio.format.lower()
             if fmt not in AUDIO_FORMATS:
                 raise ApiError(f"{where}: audio format {fmt!r} is not supported (use one of "
                                f"{', '.join(AUDIO_FORMATS)})", param=f"{where}.input_audio.format")
-            return {"type": AUDIO, AUDIO: media.read_audio(_base64(part.input_audio.data, where, policy))}
-        assert isinstance(part, AudioURLPart)
-        return {"type": AUDIO, AUDIO: media.read_audio(_fetch(part.audio_url.url, where, policy))}
+            data = _base64(part.input_audio.data, where, policy)
+        else:
+            assert isinstance(part, AudioURLPart)
+            data = _fetch(part.audio_url.url, where, policy)
+        media.audio_duration(data)
+        return {"type": AUDIO, AUDIO: data}
     except media.MediaError as e:
         raise ApiError(f"{where}: {e}", param=where) from None
 
