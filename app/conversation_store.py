@@ -10,6 +10,8 @@ is written under a temporary name and renamed, so a save never leaves a half-wri
 from __future__ import annotations
 
 import dataclasses
+import filecmp
+import hashlib
 import json
 import os
 import re
@@ -57,7 +59,12 @@ def saved_conversations(root: str | os.PathLike) -> list[tuple[str, str]]:
 # -- saving ---------------------------------------------------------------------------------
 
 class _MediaFolder:
-    """Copies media into folder/media once each, and names them relative to the folder."""
+    """Copies media into folder/media once each, and names them relative to the folder.
+
+    Every file is written under a temporary name and renamed when complete, and a file already
+    there whole is not written again: a save that is killed halfway leaves the last saved version
+    whole, media included. Media held in memory (a webcam frame, a recorded clip) are named by
+    their content, so a second save finds them."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -72,16 +79,34 @@ class _MediaFolder:
         if isinstance(value, (str, os.PathLike)):
             source = Path(value)
             target = source if source.parent.resolve() == self.media.resolve() else self.media / f"{hint}-{source.name}"
-            if target != source:
-                shutil.copyfile(source, target)
+            if target != source and not (target.exists() and filecmp.cmp(source, target, shallow=False)):
+                _write_whole(target, lambda tmp: shutil.copyfile(source, tmp))
         elif kind == IMAGE:
-            target = self.media / f"{hint}.png"
-            value.save(target)
+            digest = hashlib.sha1(repr((value.mode, value.size)).encode() + value.tobytes()).hexdigest()[:20]
+            target = self.media / f"image-{digest}.png"
+            if not target.exists():
+                _write_whole(target, lambda tmp: value.save(tmp, format="PNG"))
         else:
-            target = self.media / f"{hint}.wav"
-            _write_wav(target, *value)
+            samples, rate = value
+            pcm = np.ascontiguousarray(samples, dtype=np.float32)
+            digest = hashlib.sha1(repr((pcm.shape, int(rate))).encode() + pcm.tobytes()).hexdigest()[:20]
+            target = self.media / f"audio-{digest}.wav"
+            if not target.exists():
+                _write_whole(target, lambda tmp: _write_wav(tmp, pcm, rate))
         self.saved[key] = str(target.relative_to(self.folder))
         return self.saved[key]
+
+
+def _write_whole(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)` to a temporary name beside `path`, then flushed to disk and renamed to `path`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _write_wav(path: Path, samples: np.ndarray, rate: int) -> None:

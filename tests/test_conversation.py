@@ -350,3 +350,39 @@ def test_the_private_copies_of_attachments_go_with_the_last_conversation_that_us
     del twin
     gc.collect()
     assert not kept.parent.exists()
+
+
+def test_a_save_that_dies_halfway_leaves_the_last_saved_version_whole(tmp_path, monkeypatch):
+    """A webcam frame and a clip held in memory are written once, whole, under their content's
+    name: saving again neither rewrites them nor, killed halfway, truncates them (a kill -9 during
+    the page's autosave used to leave the last saved version with a truncated picture)."""
+    from pathlib import Path
+
+    from app.engine_api import AUDIO, IMAGE
+
+    conversation = Conversation(ScriptedEngine(["one", "two"]))
+    clip = (np.sin(np.arange(8000) / 9).astype(np.float32) * 0.1, 16_000)
+    list(conversation.ask("first", [Attachment(IMAGE, data=Image.new("RGB", (64, 48), (10, 200, 30))),
+                                    Attachment(AUDIO, data=clip)]))
+    folder = tmp_path / "saved"
+    conversation_store.save(conversation, folder)
+    written = {p.name: p.stat().st_mtime_ns for p in (folder / "media").iterdir()}
+    list(conversation.ask("second", [Attachment(IMAGE, data=Image.new("RGB", (64, 48), (200, 0, 0)))]))
+
+    def killed_while_writing(self, fp, format=None, **params):
+        Path(fp).write_bytes(b"\x89PNG\r\n\x1a\n half a picture")
+        raise KeyboardInterrupt  # stands for the kill: nothing after this line runs
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Image.Image, "save", killed_while_writing)
+        with pytest.raises(KeyboardInterrupt):
+            conversation_store.save(conversation, folder)
+    assert {p.name: p.stat().st_mtime_ns for p in (folder / "media").iterdir()} == written  # no leftovers either
+    opened = conversation_store.load(folder, ScriptedEngine())
+    image, audio = opened.turns[0].attachments
+    assert len(opened.turns) == 1 and media_files.load_image_file(image.path).getpixel((0, 0)) == (10, 200, 30)
+    assert media_files.load_audio_file(audio.path)[0] == pytest.approx(clip[0], abs=1e-4)
+
+    conversation_store.save(conversation, folder)  # and the next save completes it
+    assert len(conversation_store.load(folder, ScriptedEngine()).turns) == 2
+    assert all(p.stat().st_mtime_ns == t for p in (folder / "media").iterdir() if (t := written.get(p.name)))
