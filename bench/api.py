@@ -63,6 +63,7 @@ from openai import OpenAI  # noqa: E402
 from app.engine import LocalEngine  # noqa: E402
 from app.engine_api import Sampling  # noqa: E402
 from app.model_store import fallback_model_path  # noqa: E402
+from bench.decode import compare as decode_compare  # noqa: E402
 from bench.decode import cpu_name, find_decode_prompt, interleaved, med  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -198,12 +199,8 @@ Row = tuple[str, str, str, str]  # label, direct, via API, ratio (or difference)
 
 def compare(label: str, a: list[Run], b: list[Run], metric, fmt: str, diff: bool = False) -> Row:
     """A table row: median of each side, and the median of the per-repetition ratios b/a (or differences b-a)."""
-    if diff:
-        last = fmt.format(med(metric(y) - metric(x) for x, y in zip(a, b)))
-        last = last if last.startswith("-") else "+" + last
-    else:
-        last = f"{med(metric(y) / metric(x) for x, y in zip(a, b)):.3f}"
-    return label, fmt.format(med(metric(x) for x in a)), fmt.format(med(metric(y) for y in b)), last
+    label, theirs, ours, last = decode_compare(label, b, a, metric, fmt, diff)
+    return label, ours, theirs, last
 
 
 def load() -> str:
