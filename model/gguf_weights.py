@@ -57,8 +57,12 @@ def load_gguf(path: str | os.PathLike) -> GGUFWeights:
         tensors = {}
         for t in reader.tensors:
             shape = tuple(int(n) for n in reversed(t.shape))  # ggml ne order -> numpy order
-            data = gguf.quants.dequantize(t.data, t.tensor_type)
-            tensors[t.name] = np.asarray(data, dtype=np.float32).reshape(shape)
+            values = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+            if np.may_share_memory(values, t.data):
+                # A float32 tensor is a view of the memory-mapped file: copied, so that nothing keeps
+                # the file mapped (its pages would stay in the resident size, beside the copies).
+                values = values.copy()
+            tensors[t.name] = values.reshape(shape)
     except GGUFFileError as e:
         raise GGUFFileError(path, e.problem, fix) from None
     except (ValueError, KeyError, IndexError, UnicodeDecodeError) as e:
