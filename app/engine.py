@@ -47,6 +47,7 @@ from app.engine_api import (
     Usage,
 )
 from app.llama_backend import LlamaContext, LlamaModel, Sampler, json_schema_grammar
+from app.memory import give_back_free_memory
 from app.prompt import ChatTemplate, Media, Prompt, Text
 from model.audio_io import to_model_audio
 from model.format import Manifest, ManifestError, read_manifest
@@ -186,6 +187,9 @@ class LocalEngine:
         if manifest.audio_encoder:
             from model.speech_encoder import SpeechEncoder
             engine.speech = SpeechEncoder.load(manifest.audio_encoder)
+        # Loading dequantised every encoder tensor, then kept a transposed copy: the first copies'
+        # 1.7 GB (real shapes) are free but would stay resident.
+        give_back_free_memory()
         return engine
 
     @property

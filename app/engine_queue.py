@@ -10,22 +10,19 @@ refused at once (the API answers 429) instead of piling up. Waiting requests hol
 their place in line. `EngineQueue` implements the engine contract, so callers cannot tell it
 from the engine.
 
-Between two requests the C heap's free memory is given back to the system (glibc's
-malloc_trim): decoded images, log-mels and encoder activations are freed after every request,
-but glibc keeps freed memory in its per-thread arenas, so a long-running server's resident size
-would creep up without any leak (measured by bench/robustness.py's soak: +6-9% over 200 requests,
-all of it returned by a trim; Dask documents the same effect and remedy:
-https://distributed.dask.org/en/stable/worker-memory.html#memory-not-released-back-to-the-os).
+Between two requests the C heap's free memory is given back to the system (app/memory.py):
+decoded images, log-mels and encoder activations are freed after every request, but glibc keeps
+them, so a long-running server's resident size would creep up without any leak
+(bench/robustness.py's soak: +6-9% over 200 requests, all of it returned by a trim).
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import threading
 from collections import deque
 from typing import Any, Iterator
 
 from app.engine_api import AUTO, Chunk, Completion, Engine, EngineError, Sampling
+from app.memory import give_back_free_memory
 
 
 class QueueFull(EngineError):
@@ -69,7 +66,7 @@ class EngineQueue:
             self._turns.remove(turn)
             if self._turns:
                 self._turns[0].set()
-        _give_back_free_memory()  # ~2 ms, on the thread that is done, while the next request starts
+        give_back_free_memory()  # ~2 ms, on the thread that is done, while the next request starts
 
     # -- the engine contract ----------------------------------------------------------------
 
@@ -127,18 +124,3 @@ class Ticket:
     def __exit__(self, *exc: object) -> None:
         self.leave()
 
-
-def _malloc_trim() -> Any:
-    """glibc's malloc_trim, or None where the C library is another (macOS, Windows, musl)."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _malloc_trim()
-
-
-def _give_back_free_memory() -> None:
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)

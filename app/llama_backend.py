@@ -64,6 +64,10 @@ class LlamaModel:
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
         params = L.llama_model_default_params()
+        # Read into memory, not mapped: on CPUs where llama.cpp repacks the quantised weights for
+        # faster products (q4_0, q4_K on AVX2 and NEON) a mapped file keeps every repacked tensor
+        # twice in the resident size, the file's pages beside the repacked copy.
+        params.load_mode = L.LLAMA_LOAD_MODE_NONE
         self.ptr = L.llama_model_load_from_file(str(path).encode(), params)
         if not self.ptr:
             raise LlamaError(f"llama.cpp could not load {path} (not a GGUF it supports?)")

@@ -68,12 +68,12 @@ def test_a_full_line_refuses_at_once_and_a_cancelled_wait_gives_up_its_place():
 def test_the_heap_is_trimmed_after_every_request_and_only_then(monkeypatch):
     import sys
 
-    from app import engine_queue
+    from app import engine_queue, memory
 
     if sys.platform.startswith("linux"):
-        assert engine_queue._MALLOC_TRIM is not None  # glibc here: the trim is real
+        assert memory.MALLOC_TRIM is not None  # glibc here: the trim is real
     trims = []
-    monkeypatch.setattr(engine_queue, "_give_back_free_memory", lambda: trims.append(1))
+    monkeypatch.setattr(engine_queue, "give_back_free_memory", lambda: trims.append(1))
     queue = EngineQueue(ScriptedEngine("one", "two", "three"))
     queue.generate([{"role": "user", "content": "hi"}])
     assert len(trims) == 1

@@ -172,3 +172,17 @@ def test_a_five_minute_recording_is_heard_in_memory_that_grows_linearly(engine):
         tracemalloc.stop()
         assert usage.adapter == "speech" and usage.prompt_tokens > seconds * 12
     assert peaks[300] < 15 * peaks[30], peaks  # 10x the audio; a quadratic cost would be ~100x
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_the_model_file_is_read_not_mapped():
+    """llama.cpp repacks quantised weights on AVX2/NEON CPUs: a mapped file would stay resident beside the copy."""
+    from app.llama_backend import LlamaModel
+    from app.model_store import fallback_model_path
+
+    model = LlamaModel(fallback_model_path())
+    try:
+        assert model.n_vocab > 0 and str(fallback_model_path()) not in Path("/proc/self/maps").read_text()
+    finally:
+        model.close()
