@@ -1,6 +1,6 @@
 """Time to first token, end to end: our `LocalEngine` against transformers + peft on the CPU, same weights.
 
-    python bench/ttft.py [--tiny] [--layers N] [--threads N] [--reps R] [--outtype q4_k_m]
+    python bench/ttft.py [--tiny] [--layers N] [--threads N] [--reps R] [--outtype q4_k_m] [--decode-only]
 
 The model is bench/make_checkpoint.py's random-weight Phi-4-multimodal at the real shapes (the
 tests' tiny shapes with --tiny; --layers N cuts the decoder to N layers, the real width with 4
@@ -54,10 +54,13 @@ Also printed:
   the runs (torch's shown too).
   llama.cpp's q4_k_m products are integer dot products on quantised activations, so this is an
   equivalent rate, not a count of float32 operations.
-- the peak resident memory of our process with the model and both encoders loaded, after an
-  image + audio question: a separate process that loads our engine only (no torch) and asks the
-  image + speech row's question once; resource.getrusage(RUSAGE_SELF).ru_maxrss (and, at the end,
-  how much of the resident memory is file-backed: mapped GGUF files). With --layers
+- decode: greedy tokens per second after a short text prompt, ours (Usage.decode_tokens_per_s, the
+  q4_k_m decoder) against transformers' KV-cached loop (what `generate` runs: one token a forward),
+  first; --decode-only stops after it (and the memory).
+- the resident memory of our process with the model and both encoders loaded: a separate process
+  that loads our engine only (no torch) and asks the image + speech row's question once; its peak
+  while answering (VmHWM, reset after loading), after it (and how much of that is file-backed:
+  mapped files), and at the peak of its life (the larger of the loading's ru_maxrss and that). With --layers
   N < 32 the 32-layer figure is estimated: + (32 - N) x (one layer's tensors in backbone.gguf and
   in both LoRA files, read from the GGUFs, + one layer's KV cache at n_ctx 4096, f16).
 - with --layers N < 32, TTFT estimated at 32 layers: the decoder part of each side (ours:
@@ -81,6 +84,7 @@ def _args(argv=None):
     p.add_argument("--reps", type=int, help="interleaved repetitions (default 3, tiny 7)")
     p.add_argument("--outtype", default="q4_k_m", help="decoder type of the conversion (default q4_k_m, the app's)")
     p.add_argument("--n-ctx", type=int, default=4096)
+    p.add_argument("--decode-only", action="store_true", help="only the decode comparison (and the memory)")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)  # a converted folder: measure our RSS, print JSON
     return p.parse_args(argv)
 
@@ -116,7 +120,7 @@ from app.engine import LocalEngine  # noqa: E402
 from app.engine_api import AUDIO, IMAGE, Sampling  # noqa: E402
 from app.prompt import Media, Text  # noqa: E402
 from app.voice.assistant import SPOKEN_TURN  # noqa: E402
-from bench.decode import cpu_name, ensure_model, filler  # noqa: E402
+from bench.decode import cpu_name, ensure_model, filler, find_decode_prompt  # noqa: E402
 from tests.signals import random_image, speechlike  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,6 +129,7 @@ PAUSE_S = 0.5
 GIB = 2 ** 30
 TARGET_GIB = 6.0
 REAL_LAYERS = 32
+DECODE_TOKENS = 32
 
 
 def module_constant(path: Path, name: str):
@@ -409,6 +414,21 @@ class Reference:
         return Theirs(int(inputs["input_ids"].shape[1]), (t1 - t0) * 1e3, self._encoder_s * 1e3, (t2 - t1) * 1e3,
                       (t2 - t0) * 1e3)
 
+    def decode_rate(self, engine: LocalEngine, messages: list[dict], n: int) -> float:
+        """Greedy tokens per second after a text prompt, with the KV cache, as `generate` runs it: n steps
+        of one token each (no end-of-text check: random weights end at random), timed after the first."""
+        torch = self.torch
+        text = "".join(p.text if isinstance(p, Text) else p for p in engine.template.build(messages).pieces)
+        inputs = self.processor(text=text, return_tensors="pt")
+        with torch.inference_mode(), self.model.disable_adapter():
+            out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+            past, token = out.past_key_values, out.logits[0, -1].argmax().view(1, 1)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                out = self.model(input_ids=token, past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, out.logits[0, -1].argmax().view(1, 1)
+            return n / (time.perf_counter() - t0)
+
 
 # -- machine figures ---------------------------------------------------------------------------------
 
@@ -444,13 +464,16 @@ def memory_child(folder: Path, threads: int, n_ctx: int) -> None:
     assert "torch" not in sys.modules
     engine = LocalEngine.load(folder, n_ctx=n_ctx, n_threads=threads)
     loaded = rss_bytes()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux: the loading's peak
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM (and ru_maxrss) start again: the peak while answering
     messages = rows(engine)[-1].make(0)
     usage = engine.generate(messages, Sampling(max_tokens=1)).usage
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
     file_backed = int(status["RssFile"].split()[0]) * 1024
-    print(json.dumps({"loaded": loaded, "after": rss_bytes(), "peak": peak, "file_backed": file_backed,
-                      "tokens": usage.prompt_tokens}))
+    answering = int(status["VmHWM"].split()[0]) * 1024
+    peak = max(peak, answering)
+    print(json.dumps({"loaded": loaded, "after": rss_bytes(), "peak": peak, "answering": answering,
+                      "file_backed": file_backed, "tokens": usage.prompt_tokens}))
 
 
 def per_layer_bytes(folder: Path, n_layers: int) -> dict[str, float]:
@@ -521,9 +544,10 @@ def main(args) -> int:
         print(out.stderr[-3000:], file=sys.stderr)
         raise RuntimeError("the memory measurement failed")
     memory = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"our process alone: {memory['loaded'] / GIB:.2f} GiB resident once loaded, peak {memory['peak'] / GIB:.2f} "
-          f"GiB after an image + speech question ({memory['tokens']} tokens); of the {memory['after'] / GIB:.2f} GiB "
-          f"resident then, {memory.get('file_backed', 0) / GIB:.2f} GiB are file-backed (mapped GGUFs)", flush=True)
+    print(f"our process alone: {memory['loaded'] / GIB:.2f} GiB resident once loaded, at most "
+          f"{memory['answering'] / GIB:.2f} GiB while answering an image + speech question ({memory['tokens']} tokens), "
+          f"{memory['after'] / GIB:.2f} GiB after it ({memory['file_backed'] / GIB:.2f} GiB of it file-backed: mapped "
+          f"files); {memory['peak'] / GIB:.2f} GiB at the peak of the process's life (loading)", flush=True)
 
     t = time.perf_counter()
     engine = LocalEngine.load(folder, n_ctx=args.n_ctx, n_threads=args.threads)
@@ -531,6 +555,23 @@ def main(args) -> int:
     t = time.perf_counter()
     ref = Reference(checkpoint, manifest["placeholders"], args.threads)
     print(f"transformers + peft loaded in {time.perf_counter() - t:.0f} s", flush=True)
+
+    decode_prompt = find_decode_prompt(engine, DECODE_TOKENS + 1)
+    ours_decode, theirs_decode = [], []
+    for r in range(reps + 1):  # the first is a warm-up
+        time.sleep(PAUSE_S)
+        a = engine.generate(decode_prompt, Sampling(max_tokens=DECODE_TOKENS + 1, temperature=0)).usage
+        time.sleep(PAUSE_S)
+        b = ref.decode_rate(engine, decode_prompt, DECODE_TOKENS)
+        if r:
+            ours_decode.append(a.decode_tokens_per_s)
+            theirs_decode.append(b)
+    print(f"\nDecode, greedy tokens/s after a short prompt ({DECODE_TOKENS} tokens, medians of {reps}): ours "
+          f"{med(ours_decode):.2f}, theirs {med(theirs_decode):.2f}: ours {med(ours_decode) / med(theirs_decode):.1f}x "
+          f"faster", flush=True)
+    if args.decode_only:
+        engine.close()
+        return 0
 
     cases = rows(engine)
     for messages in warmups() + [cases[0].make(-1)]:
@@ -601,13 +642,15 @@ def main(args) -> int:
               f"an estimate, not a run), seconds")
         table(("", "ours prefill", "ours TTFT", "theirs decoder", "theirs TTFT", "ours/theirs"), est_body)
 
-    print(f"\nPeak resident memory of our process (engine + both encoders, after the image + speech question, "
-          f"no torch): {memory['peak'] / GIB:.2f} GiB (target {TARGET_GIB:.0f} GiB)")
+    print(f"\nResident memory of our process (engine + both encoders, no torch): at most "
+          f"{memory['answering'] / GIB:.2f} GiB while answering the image + speech question, {memory['peak'] / GIB:.2f} "
+          f"GiB at the peak of its life (target {TARGET_GIB:.0f} GiB)")
     if n_layers < REAL_LAYERS and not tiny:
         layer = per_layer_bytes(folder, n_layers)
         kv = args.n_ctx * 2 * shape["kv"] * 2  # K and V, f16, the 4096-position window
         extra = (REAL_LAYERS - n_layers) * (sum(layer.values()) + kv)
-        print(f"  estimated at {REAL_LAYERS} layers: {(memory['peak'] + extra) / GIB:.2f} GiB = measured + "
+        print(f"  estimated at {REAL_LAYERS} layers: {(memory['answering'] + extra) / GIB:.2f} GiB while answering, "
+              f"{(memory['peak'] + extra) / GIB:.2f} GiB at the peak = measured + "
               f"{REAL_LAYERS - n_layers} x ({layer['backbone'] / 2**20:.0f} MiB backbone + "
               f"{(layer['lora-vision'] + layer['lora-speech']) / 2**20:.0f} MiB LoRAs + {kv / 2**20:.0f} MiB KV cache) "
               f"per layer, from the GGUF files (an estimate)")
