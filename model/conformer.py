@@ -11,7 +11,7 @@ Shapes: T feature frames, L frames in one window, H width, nh heads of d = H / n
 Weights come from a GGUF written by convert/audio_encoder.py, read by the names of model/format.py
 (`AudioTensor`, `AudioKey`; docs/model.md, "Speech encoder").
 
-Speed (bench/encoders.py): weights are transposed once at load (`Linear.wt`, q/k/v fused with the
+Speed (bench/encoders.py): weights are used as transposed views (`Linear.wt`, q/k/v fused with the
 score scale folded into q, the GLU biases folded into the GLU projection), activations are updated
 in place where the buffer is ours, and the subsampling's depthwise convolutions apply each tap to
 the output block it reaches instead of building padded copies.

@@ -1,7 +1,9 @@
 """The two layers both encoders are built of, in numpy float32: Linear and LayerNorm.
 
-Weights come in PyTorch layout ((out, in) for a Linear) and are transposed once at load, so that
-every call is one plain GEMM `x @ wt`; outputs are updated in place (the buffer is the layer's own).
+Weights come in PyTorch layout ((out, in) for a Linear); a Linear keeps the transposed view, so that
+every call is one GEMM `x @ wt` (BLAS reads the transposed operand at the same speed as a contiguous
+copy, and a copy would double the encoders' memory while they load); outputs are updated in place
+(the buffer is the layer's own).
 """
 from __future__ import annotations
 
@@ -12,13 +14,13 @@ import numpy as np
 
 @dataclass
 class Linear:
-    wt: np.ndarray      # (in, out): the weight transposed at load, so that `x @ wt` is a plain GEMM
+    wt: np.ndarray      # (in, out): a transposed view of the (out, in) weight
     bias: np.ndarray    # (out,)
 
     @classmethod
     def of(cls, weight: np.ndarray, bias: np.ndarray) -> "Linear":
         """From a PyTorch-layout (out, in) weight."""
-        return cls(np.ascontiguousarray(np.asarray(weight, dtype=np.float32).T), np.asarray(bias, np.float32))
+        return cls(np.asarray(weight, dtype=np.float32).T, np.asarray(bias, np.float32))
 
     @classmethod
     def load(cls, w, name: str) -> "Linear":
