@@ -85,16 +85,12 @@ class _Window:
     adapters: tuple[str, ...] = ()
 
 
-def _is_data(value: Any) -> bool:
-    return isinstance(value, (bytes, bytearray, memoryview))
-
-
 def _image_of(value: Any) -> Image.Image:
     """An image part's value: a PIL image as it is, a file's bytes decoded, a file through the
     media reader's cache."""
     if isinstance(value, Image.Image):
         return value
-    return media.read_image(value) if _is_data(value) else media.load_image_file(value)
+    return media.read_image(value) if media.is_data(value) else media.load_image_file(value)
 
 
 def _audio_of(value: Any) -> tuple[np.ndarray, int]:
@@ -102,7 +98,7 @@ def _audio_of(value: Any) -> tuple[np.ndarray, int]:
     through the media reader's cache."""
     if isinstance(value, tuple):
         return value
-    return media.read_audio(value) if _is_data(value) else media.load_audio_file(value)
+    return media.read_audio(value) if media.is_data(value) else media.load_audio_file(value)
 
 
 def _audio_seconds(value: Any) -> float:
@@ -187,8 +183,8 @@ class LocalEngine:
         if manifest.audio_encoder:
             from model.speech_encoder import SpeechEncoder
             engine.speech = SpeechEncoder.load(manifest.audio_encoder)
-        # Loading dequantised every encoder tensor, then kept a transposed copy: the first copies'
-        # 1.7 GB (real shapes) are free but would stay resident.
+        # Loading widened every encoder tensor to float32 (and fused q, k and v): the freed
+        # intermediates, 1.7 GB at the real shapes, would stay resident.
         give_back_free_memory()
         return engine
 

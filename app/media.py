@@ -46,13 +46,14 @@ class WavError(MediaError):
 
 # -- where the bytes come from ---------------------------------------------------------------
 
-def _is_data(source: Source) -> bool:
+def is_data(source: Source) -> bool:
+    """Whether `source` is a file's bytes (else a path)."""
     return isinstance(source, (bytes, bytearray, memoryview))
 
 
 def _with_path(err: MediaError, source: Source) -> MediaError:
     """The same error (same class) with the path in front, when the source was a file."""
-    if _is_data(source):
+    if is_data(source):
         return err
     return type(err)(f"{os.fspath(source)}: {err}")
 
@@ -176,14 +177,14 @@ def _png_has_late_exif(stream: BinaryIO) -> bool:
 def _opened_image(source: Source) -> Iterator[Image.Image]:
     """Pillow's lazy image (header read, size checked, no pixel decoded yet); any failure of
     the body to decode it becomes a MediaError. The file is closed on the way out."""
-    if _is_data(source):
+    if is_data(source):
         stream: BinaryIO = io.BytesIO(source)
     else:
         stream = open(source, "rb")  # OSError (missing file...) goes to the caller as it is
     try:
         with stream:
             if stream.seek(0, io.SEEK_END) == 0:
-                raise MediaError("empty data" if _is_data(source) else "empty file")
+                raise MediaError("empty data" if is_data(source) else "empty file")
             stream.seek(0)
             with _open_checked(stream) as image:
                 yield image
@@ -231,12 +232,12 @@ def read_audio(source: Source) -> tuple[np.ndarray, int]:
     would carry them into every later frame.
     """
     try:
-        if _is_data(source):
+        if is_data(source):
             data = bytes(source)
         else:
             with open(source, "rb") as f:  # OSError (missing file...) goes to the caller as it is
                 data = f.read()
-        samples, rate = _decode_audio(data, "empty data" if _is_data(source) else "empty file")
+        samples, rate = _decode_audio(data, "empty data" if is_data(source) else "empty file")
         if not np.isfinite(samples).all():
             raise MediaError("the audio holds NaN or infinite samples")
     except MediaError as err:
@@ -251,7 +252,7 @@ def audio_duration(source: Source) -> float:
     try:
         import soundfile
 
-        info = soundfile.info(io.BytesIO(bytes(source)) if _is_data(source) else os.fspath(source))
+        info = soundfile.info(io.BytesIO(bytes(source)) if is_data(source) else os.fspath(source))
         if info.samplerate > 0 and info.frames > 0:
             _check_rate(info.samplerate)
             return info.frames / info.samplerate
@@ -259,7 +260,7 @@ def audio_duration(source: Source) -> float:
         raise _with_path(err, source) from None
     except Exception:  # no header libsndfile reads (e.g. a WAV written to a pipe): decode it
         pass
-    samples, rate = read_audio(source) if _is_data(source) else load_audio_file(source)
+    samples, rate = read_audio(source) if is_data(source) else load_audio_file(source)
     return len(samples) / rate
 
 

@@ -1,8 +1,7 @@
 """Giving freed memory back to the system.
 
 glibc keeps what a process frees in its heaps and per-thread arenas for later use: after the
-encoders' weights are loaded (each tensor dequantised, then transposed into the copy that is
-kept) or a request has decoded an image and run the encoders, the freed gigabytes stay in the
+encoders' weights are loaded (each tensor widened to float32, q, k and v fused) or a request has decoded an image and run the encoders, the freed gigabytes stay in the
 resident size although nothing uses them. `malloc_trim(0)` returns them. Dask documents the same
 effect and remedy: https://distributed.dask.org/en/stable/worker-memory.html#memory-not-released-back-to-the-os
 """

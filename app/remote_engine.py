@@ -304,8 +304,8 @@ class RemoteEngine:
 
 def _image_data_url(value: Any) -> str:
     """A data: URL of the image: a file's own bytes, or a PNG of an image in memory."""
-    if isinstance(value, (str, os.PathLike, bytes, bytearray, memoryview)):
-        data = bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else Path(value).read_bytes()
+    if isinstance(value, (str, os.PathLike)) or media.is_data(value):
+        data = bytes(value) if media.is_data(value) else Path(value).read_bytes()
         kind = media.image_info(data).format.lower()
         return f"data:image/{'jpeg' if kind in ('jpeg', 'mpo') else kind};base64," + base64.b64encode(data).decode()
     buffer = io.BytesIO()
@@ -318,7 +318,7 @@ def _audio_data(value: Any) -> tuple[str, str]:
     32-bit float WAV of the samples (lossless, so the server hears what the local engine would)."""
     if isinstance(value, (str, os.PathLike)) and Path(value).suffix.lower() in AUDIO_FILE_FORMATS:
         return base64.b64encode(Path(value).read_bytes()).decode(), AUDIO_FILE_FORMATS[Path(value).suffix.lower()]
-    if isinstance(value, (bytes, bytearray, memoryview)):
+    if media.is_data(value):
         fmt = _audio_format(bytes(value))
         if fmt is not None:
             return base64.b64encode(value).decode(), fmt
