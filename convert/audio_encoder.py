@@ -36,7 +36,7 @@ The file's names, stored shapes and metadata keys are those of model/format.py (
     (computed here)                                          MEL_FILTERS
 
 `fe.mel_filters` is the (n_fft//2+1, n_mels) bank of transformers' Phi4MultimodalFeatureExtractor
-flattened row-major; it is stored 1-D so that it stays float32 in f16 files (the shared writer keeps
+flattened row-major; it is stored 1-D so that it stays float32 in bf16 files (the shared writer keeps
 1-D tensors f32). The metadata is listed in `_metadata`.
 """
 from __future__ import annotations
@@ -274,8 +274,8 @@ def write_audio_encoder(
         missing/None keys take transformers' defaults.
     feature_config: optional feature-extractor settings (preprocessor/processor config keys such as
         `sampling_rate`, `hop_length`, `mel_max_frequency`); transformers' defaults otherwise.
-    outtype: one of ENCODER_STORAGE_TYPES, f32 or f16 (2-D+ weights f16; norms, biases, CMVN and the
-        mel bank stay f32).
+    outtype: one of ENCODER_STORAGE_TYPES (2-D+ weights in it; norms, biases, CMVN and the mel bank
+        stay f32).
     """
     if outtype not in ENCODER_STORAGE_TYPES:
         raise AudioEncoderError(f"outtype {outtype!r}: the speech encoder is written as "

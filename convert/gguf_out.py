@@ -28,6 +28,8 @@ def storage_type(name: str, shape: tuple[int, ...], storage: str) -> gguf.GGMLQu
         return gguf.GGMLQuantizationType.F32
     if storage == "f16":
         return gguf.GGMLQuantizationType.F16
+    if storage == "bf16":
+        return gguf.GGMLQuantizationType.BF16
     if storage == "q8_0":
         # q8_0 packs 32 values per block along the row; rows that do not divide stay f16.
         if shape[-1] % 32 == 0:

@@ -59,6 +59,13 @@ def _processor_config(folder: Path) -> dict | None:
     return None
 
 
+def encoder_storage(outtype: str) -> str:
+    """How the encoders of an `outtype` conversion are stored (one of ENCODER_STORAGE_TYPES). numpy
+    runs them in float32 either way; bf16 is the checkpoint's own type (exact), kept in memory and
+    widened a matrix at a time: half the memory of float32."""
+    return "f32" if outtype == "f32" else "bf16"
+
+
 def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, outtype: str = DEFAULT_OUTTYPE,
                        quiet: bool = False) -> dict:
     """Convert everything; return the manifest. Raises CheckpointError with a clear message on bad input.
@@ -126,7 +133,7 @@ def _write_files(ckpt: Checkpoint, vocab, placeholders: dict, adapters: dict, fo
         _say(f"writing the {name} LoRA (r={adapter.rank}, alpha={adapter.alpha:g}, {lora_type})", quiet)
         write_lora(adapter, folder / lora_file(name), lora_type, progress=not quiet)
 
-    encoder_type = "f32" if outtype == "f32" else "f16"  # numpy runs encoders in f32 either way
+    encoder_type = encoder_storage(outtype)
     _say(f"writing the vision encoder ({encoder_type})", quiet)
     vision_tensors = _encoder_tensors(ckpt, IMAGE_PREFIX)
     write_vision_encoder({name: load for name, (shape, load) in vision_tensors.items()}, ckpt.vision_config(),

@@ -147,7 +147,7 @@ def write_vision_encoder(
     vision_config: the native `vision_config` dict of config.json.
     processor_config: optional image-processor settings (`dynamic_hd`, `image_mean`, `image_std`;
         either flat or under `image_processor`); the reference defaults otherwise.
-    outtype: one of ENCODER_STORAGE_TYPES, f32 or f16 (1-D tensors always stay f32).
+    outtype: one of ENCODER_STORAGE_TYPES (1-D tensors always stay f32).
     """
     if outtype not in ENCODER_STORAGE_TYPES:
         raise ValueError(f"vision encoder outtype must be one of {', '.join(ENCODER_STORAGE_TYPES)}, got {outtype!r}")

@@ -11,10 +11,11 @@ Shapes: T feature frames, L frames in one window, H width, nh heads of d = H / n
 Weights come from a GGUF written by convert/audio_encoder.py, read by the names of model/format.py
 (`AudioTensor`, `AudioKey`; docs/model.md, "Speech encoder").
 
-Speed (bench/encoders.py): weights are used as transposed views (`Linear.wt`, q/k/v fused with the
-score scale folded into q, the GLU biases folded into the GLU projection), activations are updated
-in place where the buffer is ours, and the subsampling's depthwise convolutions apply each tap to
-the output block it reaches instead of building padded copies.
+Speed (bench/encoders.py): weights are used as transposed views (bf16 ones widened a matrix at a
+time, model/layers.py), q/k/v are one GEMM with the score scale folded into q, the GLU biases are
+folded into the GLU projection's, activations are updated in place where the buffer is ours, and the
+subsampling's depthwise convolutions apply each tap to the output block it reaches instead of
+building padded copies.
 """
 from __future__ import annotations
 
@@ -114,10 +115,8 @@ class Attention:
         T = AudioTensor
         t = lambda module, part: w.tensor(f"{module.format(bid=bid)}.{part}")
         scale = np.float32(head_dim ** -0.5)            # the score scale, folded into q
-        qkv = Linear.of(np.concatenate([t(T.BLK_ATTN_Q, "weight") * scale, t(T.BLK_ATTN_K, "weight"),
-                                        t(T.BLK_ATTN_V, "weight")]),
-                        np.concatenate([t(T.BLK_ATTN_Q, "bias") * scale, t(T.BLK_ATTN_K, "bias"),
-                                        t(T.BLK_ATTN_V, "bias")]))
+        qkv = Linear.stack([(w.stored(f"{m.format(bid=bid)}.weight"), t(m, "bias"), f)
+                            for m, f in ((T.BLK_ATTN_Q, scale), (T.BLK_ATTN_K, 1.0), (T.BLK_ATTN_V, 1.0))])
         return cls(qkv, Linear.load(w, T.BLK_ATTN_O.format(bid=bid)), n_head, head_dim)
 
     def __call__(self, x: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -244,7 +243,7 @@ class ConvSubsampling:
                w.tensor(T.SUB_DW.format(i=i) + ".bias"))
               for i in range(1, n_layers)]
         pw = [Linear.load(w, T.SUB_PW.format(i=i)) for i in range(1, n_layers)]
-        out_w = w.tensor(T.SUB_OUT + ".weight")                                    # (H, C*F), index c*F + f
+        out_w = w.stored(T.SUB_OUT + ".weight")                                    # (H, C*F), index c*F + f
         H = out_w.shape[0]
         out_w = out_w.reshape(H, C, F).transpose(0, 2, 1).reshape(H, F * C)
         return cls(np.ascontiguousarray(conv0.reshape(C, 9).T), w.tensor(T.SUB_CONV0 + ".bias"), dw, pw,
@@ -265,20 +264,23 @@ class ConvSubsampling:
         y += self.conv0_b
         return self.act(y).reshape(n, F_out, -1)
 
-    def _later(self, i: int, x: np.ndarray, start: int, lo: int, hi: int) -> np.ndarray:
-        """Later layer i: `x` (rows, F, C) holds the input rows [start, start + rows) that outputs
-        [lo, hi) read (rows outside the sequence are zero) -> (hi - lo, F', C)."""
+    def _later(self, i: int, pw: Linear, x: np.ndarray, start: int, lo: int, hi: int) -> np.ndarray:
+        """Later layer i with its pointwise conv `pw`: `x` (rows, F, C) holds the input rows
+        [start, start + rows) that outputs [lo, hi) read (rows outside the sequence are zero)
+        -> (hi - lo, F', C)."""
         w, b = self.dw[i - 1]
         y = _depthwise_s2(x, start, lo, hi, w, b)                                # (n, F', C)
         n, F_out = y.shape[:2]
-        return self.act(self.pw[i - 1](y.reshape(n * F_out, -1))).reshape(n, F_out, -1)
+        return self.act(pw(y.reshape(n * F_out, -1))).reshape(n, F_out, -1)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:   # (T, n_mels) -> (ceil(T / 2^n), H)
         lengths = [x.shape[0]]
         for _ in range(self.n_layers):
             lengths.append((lengths[-1] + 1) // 2)      # Conv(k3, s2, p1): ceil(L / 2)
         T_out = lengths[-1]
-        out = np.empty((T_out, self.out.wt.shape[1]), np.float32)
+        pw = [p.widened() for p in self.pw]             # weights widened once for all chunks
+        out_wt = self.out.weight().T                    # (F' * C, H)
+        out = np.empty((T_out, out_wt.shape[1]), np.float32)
         for a in range(0, T_out, self.chunk):
             b = min(a + self.chunk, T_out)
             # rows each layer must produce, top-down: outputs [lo, hi) read inputs [2lo-1, 2hi)
@@ -289,8 +291,8 @@ class ConvSubsampling:
             lo, hi = ranges[1]
             y = self._first(_rows(x[ranges[0][0]:ranges[0][1]], ranges[0][0], 2 * lo - 1, 2 * hi))
             for l in range(2, self.n_layers + 1):
-                y = self._later(l - 1, y, ranges[l - 1][0], *ranges[l])
-            np.matmul(y.reshape(b - a, -1), self.out.wt, out=out[a:b])
+                y = self._later(l - 1, pw[l - 2], y, ranges[l - 1][0], *ranges[l])
+            np.matmul(y.reshape(b - a, -1), out_wt, out=out[a:b])
         out += self.out.bias
         return out
 

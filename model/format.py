@@ -39,9 +39,11 @@ DEFAULT_OUTTYPE = "q4_k_m"
 # How one GGUF written by convert/gguf_out.py stores its matrices (1-D tensors always stay f32).
 # A different idea from OUTTYPES: q4_k_m is llama.cpp's per-tensor mix, not a type the writer
 # produces, and the LoRAs and encoders of a quantised model are stored in one of these.
-STORAGE_TYPES = ("f32", "f16", "q8_0")
+STORAGE_TYPES = ("f32", "f16", "bf16", "q8_0")
 # The encoders run in float32 numpy whatever the file holds: q8_0 would cost accuracy, not time.
-ENCODER_STORAGE_TYPES = ("f32", "f16")
+# bf16 is what the checkpoint holds (exact) and stays bf16 in memory, widened a matrix at a time
+# (model/layers.py); f16, what conversions wrote before, is widened to float32 as it is read.
+ENCODER_STORAGE_TYPES = ("f32", "bf16", "f16")
 
 # -- the folder -------------------------------------------------------------------------------------
 

@@ -65,7 +65,7 @@ class SpeechEncoder:
     @property
     def hidden_size(self) -> int:
         """Width of the embeddings (the decoder's hidden size)."""
-        return self.projectors["speech"].down.wt.shape[1]
+        return self.projectors["speech"].down.out_features
 
     def num_tokens(self, n_samples: int) -> int:
         """Audio tokens for a clip of `n_samples` at 16 kHz; ValueError for clips under one window (400 samples)."""

@@ -7,11 +7,11 @@
           --projector: Linear -> GELU(erf) -> Linear--> (n_tokens, text_hidden)
 
 Weights and every hyperparameter come from the GGUF written by convert/vision_encoder.py, read by
-the names of model/format.py (docs/model.md, "Vision encoder"). Everything is float32; crops go
-through the tower in batches.
+the names of model/format.py (docs/model.md, "Vision encoder"). Everything is computed in float32
+(bf16 weights are widened a matrix at a time, model/layers.py); crops go through the tower in batches.
 
-Speed (bench/encoders.py): weights are transposed once at load (q/k/v fused, the 1/sqrt(d) score
-scale folded into q), so every projection is one plain GEMM over the packed tokens of all crops
+Speed (bench/encoders.py): q/k/v are one Linear (the 1/sqrt(d) score scale folded into q), so
+every projection is one plain GEMM over the packed tokens of all crops
 of a batch; attention runs per crop and head on contiguous (tokens, d) blocks with the softmax
 normalised after the product with v. Padded patches are masked as keys, so they are dropped as
 keys, and when embedding an image (`embed_crops`) the padded patches whose pools the HD layout cuts
@@ -155,9 +155,8 @@ class Block:
         self.heads, self.head_dim = cfg.heads, cfg.hidden // cfg.heads
         scale = np.float32(self.head_dim ** -0.5)               # folded into q
         self.ln1 = LayerNorm.load(w, name(T.BLK_LN1), cfg.eps)
-        self.qkv = Linear.of(                                       # C -> 3C
-            np.concatenate([t(T.BLK_ATTN_Q, "weight") * scale, t(T.BLK_ATTN_K, "weight"), t(T.BLK_ATTN_V, "weight")]),
-            np.concatenate([t(T.BLK_ATTN_Q, "bias") * scale, t(T.BLK_ATTN_K, "bias"), t(T.BLK_ATTN_V, "bias")]))
+        self.qkv = Linear.stack([(w.stored(f"{name(m)}.weight"), t(m, "bias"), f)     # C -> 3C
+                                 for m, f in ((T.BLK_ATTN_Q, scale), (T.BLK_ATTN_K, 1.0), (T.BLK_ATTN_V, 1.0))])
         self.o = Linear.load(w, name(T.BLK_ATTN_OUT))                      # C -> C
         self.ln2 = LayerNorm.load(w, name(T.BLK_LN2), cfg.eps)
         self.up = Linear.load(w, name(T.BLK_FFN_UP))                       # C -> F
@@ -203,7 +202,8 @@ class VisionEncoder:
             raise ValueError(f"vision width {cfg.hidden} is not divisible by {cfg.heads} heads")
         t, T = weights.tensor, VisionTensor
         # the stride-P PxP patch convolution as one Linear over flattened patches: 3*P*P -> C
-        self.patch_embd = Linear.of(t(T.PATCH_EMBD + ".weight").reshape(cfg.hidden, -1), t(T.PATCH_EMBD + ".bias"))
+        self.patch_embd = Linear.of(weights.stored(T.PATCH_EMBD + ".weight").reshape(cfg.hidden, -1),
+                                    t(T.PATCH_EMBD + ".bias"))
         self.pos_emb = t(T.POSITION_EMBD + ".weight")    # (side^2, C)
         self.blocks = [Block(weights, i, cfg) for i in range(cfg.layers)]
         self.sub_sep = t(T.SUB_SEP)                      # (C,) after every row of tokens

@@ -29,7 +29,8 @@ FILES = {"backbone.gguf": (Arch.DECODER, False), "lora-vision.gguf": (Arch.DECOD
 
 
 def stand_in_gguf(path, arch, adapter=False, tensors=None):
-    """A small but whole GGUF of `arch` (a LoRA adapter when `adapter`); uint8 tensors are q8_0 blocks."""
+    """A small but whole GGUF of `arch` (a LoRA adapter when `adapter`); uint8 tensors are q8_0 blocks,
+    uint16 ones bf16 bits."""
     w = gguf.GGUFWriter(path, arch=arch)
     if adapter:
         w.add_type(gguf.GGUFType.ADAPTER)
@@ -37,7 +38,8 @@ def stand_in_gguf(path, arch, adapter=False, tensors=None):
     w.add_token_list([f"t{i}".encode() for i in range(50)])   # a string array to step over
     for name, array in (tensors or {"a.weight": np.arange(64, dtype=np.float32).reshape(8, 8),
                                     "b.bias": np.ones(5, np.float32)}).items():
-        w.add_tensor(name, array, raw_dtype=gguf.GGMLQuantizationType.Q8_0 if array.dtype == np.uint8 else None)
+        raw = {np.dtype(np.uint8): gguf.GGMLQuantizationType.Q8_0, np.dtype(np.uint16): gguf.GGMLQuantizationType.BF16}
+        w.add_tensor(name, array, raw_dtype=raw.get(array.dtype))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -273,9 +275,9 @@ class Recording(GGUFWeights):
     tensors_read: set = field(default_factory=set)
     keys_read: set = field(default_factory=set)
 
-    def tensor(self, name):
+    def stored(self, name):   # tensor() reads through stored()
         self.tensors_read.add(name)
-        return super().tensor(name)
+        return super().stored(name)
 
     def get(self, key):
         self.keys_read.add(key)
@@ -296,7 +298,8 @@ def random_tensors(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     return {name: (0.1 * rng.standard_normal(shape)).astype(np.float32) for name, shape in shapes.items()}
 
 
-def test_vision_encoder_names_round_trip(tmp_path):
+def vision_encoder_parts() -> tuple[dict, dict]:
+    """Native tensors and config of a small whole vision encoder."""
     C, F, D, P, side = 8, 12, 6, 14, 2
     shapes = {
         "img_processor.embeddings.patch_embedding.weight": (C, 3, P, P),
@@ -316,18 +319,11 @@ def test_vision_encoder_names_round_trip(tmp_path):
             shapes[f"img_processor.encoder.layers.{bid}.{module}.bias"] = (n_out,)
     config = dict(hidden_size=C, intermediate_size=F, num_hidden_layers=2, num_attention_heads=2,
                   image_size=side * P, patch_size=P, crop_size=side * P)
-    path = write_vision_encoder(random_tensors(shapes), config, tmp_path / "v.gguf", progress=False)
-
-    w = recorded(path)
-    VisionEncoder(w)
-    assert w.arch == Arch.VISION
-    assert w.tensors_read == set(w.tensors)          # every tensor written is read, by the same name
-    written = {k for k in w.metadata if k.startswith(Arch.VISION + ".")}
-    assert written == {arch_key(Arch.VISION, k) for k in keys_of(VisionKey)}
-    assert w.keys_read <= keys_of(VisionKey)
+    return random_tensors(shapes), config
 
 
-def test_audio_encoder_names_round_trip(tmp_path):
+def audio_encoder_parts() -> tuple[dict, dict]:
+    """Native tensors and config of a small whole speech encoder (one block)."""
     H, I, C, P, n_mels, K = 8, 12, 4, 6, 80, 3
     F = 10   # mel bins after three stride-2 convolutions: 80 -> 40 -> 20 -> 10
     shapes = {
@@ -361,7 +357,23 @@ def test_audio_encoder_names_round_trip(tmp_path):
                    f"down_proj_for_{native}.weight": (P, P), f"down_proj_for_{native}.bias": (P,)}
     config = dict(hidden_size=H, intermediate_size=I, num_blocks=1, num_attention_heads=2, nemo_conv_channels=C,
                   ext_pw_out_channel=H, depthwise_separable_out_channel=H, bias_max_distance=5, kernel_size=K)
-    path = write_audio_encoder(random_tensors(shapes), config, tmp_path / "a.gguf")
+    return random_tensors(shapes), config
+
+
+def test_vision_encoder_names_round_trip(tmp_path):
+    path = write_vision_encoder(*vision_encoder_parts(), tmp_path / "v.gguf", progress=False)
+
+    w = recorded(path)
+    VisionEncoder(w)
+    assert w.arch == Arch.VISION
+    assert w.tensors_read == set(w.tensors)          # every tensor written is read, by the same name
+    written = {k for k in w.metadata if k.startswith(Arch.VISION + ".")}
+    assert written == {arch_key(Arch.VISION, k) for k in keys_of(VisionKey)}
+    assert w.keys_read <= keys_of(VisionKey)
+
+
+def test_audio_encoder_names_round_trip(tmp_path):
+    path = write_audio_encoder(*audio_encoder_parts(), tmp_path / "a.gguf")
 
     w = recorded(path)
     encoder = SpeechEncoder.from_weights(w)
@@ -370,7 +382,41 @@ def test_audio_encoder_names_round_trip(tmp_path):
     written = {k for k in w.metadata if k.startswith(Arch.AUDIO + ".")}
     assert written == {arch_key(Arch.AUDIO, k) for k in keys_of(AudioKey)}
     assert w.keys_read <= keys_of(AudioKey)
-    assert encoder.embed(np.zeros(16000, np.float32)).shape == (encoder.num_tokens(16000), P)
+    assert encoder.embed(np.zeros(16000, np.float32)).shape == (encoder.num_tokens(16000), 6)
+
+
+def bf16_exact(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The tensors rounded to bf16 values (as the real checkpoint holds), kept in float32."""
+    return {name: (gguf.quants.quantize(a, gguf.GGMLQuantizationType.BF16).view(np.uint16).astype(np.uint32) << 16)
+            .view(np.float32).reshape(a.shape) for name, a in tensors.items()}
+
+
+@pytest.mark.parametrize("kind", ["vision", "audio"])
+def test_bf16_encoders_compute_exactly_what_float32_ones_do(tmp_path, kind):
+    """bf16 weights stay bf16 in memory (half of float32) and are widened exactly where used: from a
+    bf16 checkpoint, the bf16 file's embeddings are the float32 file's, bit for bit."""
+    from PIL import Image
+
+    if kind == "vision":
+        tensors, config = vision_encoder_parts()
+        write, load = (lambda t, path, outtype: write_vision_encoder(t, config, path, outtype, progress=False),
+                       VisionEncoder.load)
+        image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 70, 3), np.uint8))
+        embed = lambda encoder: encoder.embed(image)
+    else:
+        tensors, config = audio_encoder_parts()
+        write, load = (lambda t, path, outtype: write_audio_encoder(t, config, path, outtype, progress=False),
+                       SpeechEncoder.load)
+        clip = np.random.default_rng(1).standard_normal(16000 * 41).astype(np.float32) * 0.1  # 2 windows of 40 s
+        embed = lambda encoder: np.concatenate([encoder.embed(clip, mode) for mode in ("speech", "vision")])
+    tensors = bf16_exact(tensors)
+    f32, bf16 = (write(tensors, tmp_path / f"{outtype}.gguf", outtype) for outtype in ("f32", "bf16"))
+
+    held, full = load_gguf(bf16).tensors, load_gguf(f32).tensors
+    matrices = [name for name, a in held.items() if a.ndim >= 2]
+    assert matrices and all(held[name].dtype == np.uint16 for name in matrices)
+    assert all(2 * held[name].nbytes == full[name].nbytes for name in matrices)
+    np.testing.assert_array_equal(embed(load(bf16)), embed(load(f32)))
 
 
 def test_the_decoder_is_llama_cpps_phi3():
@@ -379,13 +425,18 @@ def test_the_decoder_is_llama_cpps_phi3():
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
 def test_loaded_weights_leave_the_file_unmapped(tmp_path):
-    """The encoders' weights are copies: no float32 tensor stays a view of the memory-mapped file,
-    whose pages would otherwise stay in the resident size beside them (1.75 GB for the real encoders)."""
+    """The encoders' weights are read into arrays of their own: nothing stays a view of the
+    memory-mapped file, whose pages would otherwise stay in the resident size beside them (1.6 GiB
+    for the real encoders). bf16 stays bf16 (its bits); f16, from older conversions, is widened."""
     import gc
 
+    bf16 = np.array([[1.0, -2.5, 2.0 ** -130, np.inf]], np.float32)   # bf16 values: a subnormal, inf
     path = stand_in_gguf(tmp_path / "vision-encoder.gguf", Arch.VISION, tensors={
-        "f32": np.arange(64, dtype=np.float32).reshape(2, 32), "f16": np.ones((4, 32), np.float16)})
+        "f32": np.arange(64, dtype=np.float32).reshape(2, 32), "f16": np.ones((4, 32), np.float16),
+        "bf16": gguf.quants.quantize(bf16, gguf.GGMLQuantizationType.BF16).view(np.uint16)})
     weights = load_gguf(path)
     gc.collect()
     assert weights.tensors["f32"][1, 0] == 32 and weights.tensors["f16"].dtype == np.float32
+    assert weights.tensors["bf16"].dtype == np.uint16 and weights.tensors["bf16"].shape == (1, 4)
+    np.testing.assert_array_equal(weights.tensor("bf16"), bf16)
     assert str(path) not in Path("/proc/self/maps").read_text()

@@ -354,6 +354,27 @@ def test_a_linear_keeps_the_weight_it_is_given_not_a_transposed_copy():
 
     weight, bias = np.arange(12, dtype=np.float32).reshape(3, 4), np.array([1, 2, 3], np.float32)
     linear = Linear.of(weight, bias)
-    assert np.shares_memory(linear.wt, weight)
+    assert linear.weight() is weight and linear.widened() is linear
     x = np.ones((2, 4), np.float32)
     np.testing.assert_array_equal(linear(x), x @ weight.T + bias)
+
+
+def test_a_bf16_linear_is_the_float32_linear_of_its_widened_weights():
+    """q/k/v stacked with the score scale on q: from bf16 bits (kept as they are, widened at each call)
+    or from the same values in float32 (stacked and scaled once), the same products bit for bit."""
+    from model.layers import Linear
+
+    rng = np.random.default_rng(0)
+    bits = [rng.integers(0x3c00, 0x3f80, (n, 16), dtype=np.uint16) * np.uint16(s) for n, s in ((8, 1), (8, 1), (4, 1))]
+    bits[1][0, :3] = [0x8000, 0x0001, 0xff80]   # -0, a subnormal, -inf: widened exactly too
+    biases = [rng.standard_normal(len(b)).astype(np.float32) for b in bits]
+    factors = [0.125 * 3 ** -0.5, 1.0, 1.0]
+    widened = [(b.astype(np.uint32) << 16).view(np.float32) for b in bits]
+    half = Linear.stack(list(zip(bits, biases, factors)))
+    full = Linear.stack(list(zip(widened, biases, factors)))
+    assert all(b.dtype == np.uint16 for b in half.blocks) and len(full.blocks) == 1
+    x = rng.standard_normal((5, 16)).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(half(x), full(x))
+        np.testing.assert_array_equal(half.widened()(x), full(x))
+    np.testing.assert_array_equal(half.weight(), full.weight())
