@@ -2,9 +2,9 @@
 
     python -m bench.decode [MODEL_DIR] [--tiny] [--reps 5] [--threads N] [--prompt-tokens 512] ...
 
-MODEL_DIR is a converted folder (manifest.json + backbone.gguf). Without it the script
-uses ~/.cache/phi4mm-bench/gguf-real-q4_k_m (or gguf-tiny-f16 with --tiny), making the
-random-weight checkpoint (bench/make_checkpoint.py) and converting it first if missing.
+MODEL_DIR is a converted folder (manifest.json + backbone.gguf). Without it the script uses
+~/.cache/phi4mm-bench/gguf-real-q4_k_m-encoders-bf16 (or gguf-tiny-f16-encoders-bf16 with --tiny),
+making the random-weight checkpoint (bench/make_checkpoint.py) and converting it first if missing.
 
 Both sides load the same backbone.gguf with the same n_ctx, n_batch = n_ubatch, threads
 and flash-attention setting (app/llama_backend.py LlamaContext), decode greedily and
@@ -74,8 +74,11 @@ def ensure_model(folder: Path | None, tiny: bool, layers: int | None, outtype: s
     shapes = TINY if tiny else REAL
     if layers:
         shapes = replace(shapes, layers=layers)
+    from convert.pipeline import convert_checkpoint, encoder_storage
+
     outtype = outtype or ("f16" if tiny else "q4_k_m")
-    folder = CACHE / f"gguf-{tag(shapes)}-{outtype}"
+    # the encoders' storage in the name: a folder converted when they were stored otherwise is not reused
+    folder = CACHE / f"gguf-{tag(shapes)}-{outtype}-encoders-{encoder_storage(outtype)}"
     if is_converted(folder):
         return folder
     checkpoint = default_folder(shapes)
@@ -83,7 +86,6 @@ def ensure_model(folder: Path | None, tiny: bool, layers: int | None, outtype: s
         print(f"making the {shapes.name}-shape checkpoint in {checkpoint} (once)", flush=True)
         make_checkpoint(checkpoint, shapes)
     print(f"converting it to {outtype} in {folder} (once)", flush=True)
-    from convert.pipeline import convert_checkpoint
     convert_checkpoint(checkpoint, folder, outtype)
     return folder
 

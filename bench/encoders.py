@@ -8,8 +8,10 @@ channels, bias distance 500) + projector to 3072.
 
 The transformers modules (`Phi4MultimodalImageEmbedding`, `Phi4MultimodalAudioEmbedding`, eager
 attention: the correct reference, see docs/model.md, "transformers as the reference") get random
-weights; our GGUF (f32) is written from their state_dict with the converters and loaded with our
-encoders, so both run the same weights.
+weights, rounded to bf16 values as the real checkpoint's are; our GGUFs are written from their
+state_dict with the converters and loaded with our encoders, so both run the same weights. Ours is
+timed from the bf16 file the converter writes (weights widened a matrix at a time); the "bf16 file
+vs f32 file" rows are the cost of that widening against holding every weight in float32.
 Each thread count runs in its own process: numpy's OpenBLAS reads OPENBLAS_NUM_THREADS /
 OMP_NUM_THREADS at import, torch gets torch.set_num_threads(n).
 
@@ -22,8 +24,8 @@ medians and the ratio is reference time / our time (> 1: ours is faster), in wal
 in process CPU time (which other processes competing for the cores do not inflate; with 2 threads
 it also counts spinning worker threads).
 
-The "GEMMs alone" rows replay the matrix products of one of our runs as bare numpy matmuls of
-the same shapes (`linear_floor`, `tower_gemm_floor`): how fast float32 numpy could be at best.
+The "GEMMs alone" rows replay the matrix products of one of our runs (from the f32 file, whose
+weights need no widening) as bare numpy matmuls of the same shapes (`linear_floor`, `tower_gemm_floor`): how fast float32 numpy could be at best.
 
 transformers computes all 27 vision layers (+ post_layernorm + pooling head) to return
 hidden_states[-2]; "eager-26" is the same module cut to 26 layers, i.e. the same work as ours.
@@ -136,7 +138,8 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(np.prod(p.shape[1:])))
             else:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
-
+        for p in module.parameters():   # bf16 values, as the real checkpoint holds
+            p.copy_(p.to(torch.bfloat16).to(torch.float32))
 
 
 
@@ -181,12 +184,16 @@ def bench_vision(args, cache: Path) -> None:
     config = Phi4MultimodalConfig(hidden_size=TEXT_HIDDEN, vision_config=dict(VISION))
     module = reference_module(Phi4MultimodalImageEmbedding, config, config.vision_config, seed=1)
     tower_cfg = module.img_processor.config
-    path = cache / "vision-f32.gguf"
-    if not path.exists():
-        state = {k: v.detach().numpy() for k, v in module.state_dict().items()}
-        write_vision_encoder(state, config.vision_config.to_dict(), path.with_suffix(".tmp"), "f32", progress=False)
-        path.with_suffix(".tmp").rename(path)
-    ours = VisionEncoder.load(path)
+    state = {k: v.detach().numpy() for k, v in module.state_dict().items()}
+    paths = {}
+    for outtype in ("bf16", "f32"):
+        paths[outtype] = path = cache / f"vision-bf16-weights-{outtype}.gguf"
+        if not path.exists():
+            write_vision_encoder(state, config.vision_config.to_dict(), path.with_suffix(".tmp"), outtype,
+                                 progress=False)
+            path.with_suffix(".tmp").rename(path)
+    del state
+    ours, ours_f32 = VisionEncoder.load(paths["bf16"]), VisionEncoder.load(paths["f32"])
     processor = Phi4MultimodalImageProcessor()
     last = module.img_processor.encoder.layers[-1]
 
@@ -219,7 +226,11 @@ def bench_vision(args, cache: Path) -> None:
         def ours_run():
             return ours.embed_crops(crops.pixels, crops.masks, crops.image_size)
 
-        fns = {"ours": ours_run, "eager-27": variant("eager", False), "eager-26": variant("eager", True)}
+        def ours_f32_run():
+            return ours_f32.embed_crops(crops.pixels, crops.masks, crops.image_size)
+
+        fns = {"ours": ours_run, "ours-f32": ours_f32_run, "eager-27": variant("eager", False),
+               "eager-26": variant("eager", True)}
         if not args.no_sdpa:
             fns["sdpa-26"] = variant("sdpa", True)
         mine = ours_run()   # the error checks double as warm-up runs
@@ -227,7 +238,9 @@ def bench_vision(args, cache: Path) -> None:
         t = interleaved(fns, args.repeats, warm=False)
         row("vision", case, "forward vs eager-27 (as shipped)", t["ours"], t["eager-27"], f"err {err['eager-27']:.1e}")
         row("vision", case, "forward vs eager-26 (same work)", t["ours"], t["eager-26"], f"err {err['eager-26']:.1e}")
-        row("vision", case, "our tower's GEMMs alone vs eager-27", tower_gemm_floor(ours_run, args.repeats),
+        row("vision", case, "bf16 file vs f32 file (ours)", t["ours"], t["ours-f32"],
+            f"err {err['ours-f32']:.0e}: the cost of widening the weights at each use")
+        row("vision", case, "our tower's GEMMs alone vs eager-27", tower_gemm_floor(ours_f32_run, args.repeats),
             t["eager-27"], "the best ratio f32 numpy could reach: everything but the tower's products free")
         if "sdpa-26" in t:
             row("vision", case, "forward vs sdpa-26 (info)", t["ours"], t["sdpa-26"],
@@ -235,7 +248,6 @@ def bench_vision(args, cache: Path) -> None:
         t = interleaved({"ours": lambda: make_crops(image, max_crops=mc),
                          "ref": lambda: processor(image, return_tensors="pt", dynamic_hd=mc)}, args.repeats)
         row("vision", label, "preprocessing (crops)", t["ours"], t["ref"])
-    del module, ours
 
 
 # -- audio ----------------------------------------------------------------------------------------
@@ -256,12 +268,16 @@ def bench_audio(args, cache: Path) -> None:
         enc.global_mean.copy_(torch.from_numpy(feats.mean(0)))
         enc.global_invstd.copy_(torch.from_numpy(1.0 / (feats.std(0) + 0.5)))
     enc_cfg = module.encoder.config
-    path = cache / "audio-f32.gguf"
-    if not path.exists():
-        tensors = {k: v.detach().numpy() for k, v in module.state_dict().items()}
-        write_audio_encoder(tensors, config.audio_config.to_dict(), path.with_suffix(".tmp"), outtype="f32")
-        path.with_suffix(".tmp").rename(path)
-    ours = SpeechEncoder.load(path)
+    tensors = {k: v.detach().numpy() for k, v in module.state_dict().items()}
+    paths = {}
+    for outtype in ("bf16", "f32"):
+        paths[outtype] = path = cache / f"audio-bf16-weights-{outtype}.gguf"
+        if not path.exists():
+            write_audio_encoder(tensors, config.audio_config.to_dict(), path.with_suffix(".tmp"), outtype=outtype,
+                                progress=False)
+            path.with_suffix(".tmp").rename(path)
+    del tensors
+    ours, ours_f32 = SpeechEncoder.load(paths["bf16"]), SpeechEncoder.load(paths["f32"])
     token = config.audio_config.audio_token_id
 
     for label, seconds in CLIPS:
@@ -289,14 +305,19 @@ def bench_audio(args, cache: Path) -> None:
         def ours_run():
             return ours.project(ours.encoder(feats_np), "speech")
 
-        fns = {"ours": ours_run, "eager": variant("eager")}
+        def ours_f32_run():
+            return ours_f32.project(ours_f32.encoder(feats_np), "speech")
+
+        fns = {"ours": ours_run, "ours-f32": ours_f32_run, "eager": variant("eager")}
         if not args.no_sdpa:
             fns["sdpa"] = variant("sdpa")
         mine = ours_run()
         err = {k: rel_err(mine, f()) for k, f in fns.items() if k != "ours"}
         t = interleaved(fns, args.repeats, warm=False)
         row("audio", case, "forward vs eager", t["ours"], t["eager"], f"err {err['eager']:.1e}")
-        floor = linear_floor(ours_run, args.repeats)
+        row("audio", case, "bf16 file vs f32 file (ours)", t["ours"], t["ours-f32"],
+            f"err {err['ours-f32']:.0e}: the cost of widening the weights at each use")
+        floor = linear_floor(ours_f32_run, args.repeats)
         row("audio", case, "our Linear GEMMs alone vs eager", floor, t["eager"],
             "the best ratio f32 numpy could reach: everything but the Linear products free")
         if "sdpa" in t:
@@ -304,7 +325,6 @@ def bench_audio(args, cache: Path) -> None:
         t = interleaved({"ours": lambda: ours.features(x),
                          "ref": lambda: fe(x, sampling_rate=SR, return_tensors="pt")}, args.repeats)
         row("audio", label, "preprocessing (log-mel)", t["ours"], t["ref"])
-    del module, ours
 
 
 def linear_floor(run, repeats: int) -> Timing:
@@ -314,7 +334,7 @@ def linear_floor(run, repeats: int) -> Timing:
     from model.layers import Linear
 
     calls, call = [], Linear.__call__
-    Linear.__call__ = lambda self, x: (calls.append((x.shape[0], self.wt)), call(self, x))[1]
+    Linear.__call__ = lambda self, x: (calls.append((x.shape[0], self.weight().T)), call(self, x))[1]
     try:
         run()
     finally:
@@ -351,7 +371,7 @@ def tower_gemm_floor(run, repeats: int) -> Timing:
                       for seg in segments)
         if (N, crops) not in inputs:
             rand = lambda *shape: rng.standard_normal(shape, dtype=np.float32)
-            C, F, d = block.o.wt.shape[0], block.up.wt.shape[1], block.head_dim
+            C, F, d = block.o.out_features, block.up.out_features, block.head_dim
             inputs[N, crops] = rand(N, C), rand(N, F), [(rand(n, d), rand(d, m), rand(m, d)) for n, m in crops]
         return inputs[N, crops]
 
@@ -359,7 +379,7 @@ def tower_gemm_floor(run, repeats: int) -> Timing:
 
     def replay():
         for block, (x, h, crops) in plan:
-            x @ block.qkv.wt, x @ block.o.wt, x @ block.up.wt, h @ block.down.wt
+            x @ block.qkv.weight().T, x @ block.o.weight().T, x @ block.up.weight().T, h @ block.down.weight().T
             for q, k_t, v in crops * block.heads:
                 (q @ k_t) @ v
     return interleaved({"floor": replay}, repeats)["floor"]
