@@ -1,13 +1,14 @@
 """Time to first token, end to end: our `LocalEngine` against transformers + peft on the CPU, same weights.
 
     python bench/ttft.py [--tiny] [--layers N] [--threads N] [--reps R] [--outtype q4_k_m] [--decode-only]
+    python bench/ttft.py --memory-only     # our process's memory alone, at 32 layers (no transformers)
 
 The model is bench/make_checkpoint.py's random-weight Phi-4-multimodal at the real shapes (the
 tests' tiny shapes with --tiny; --layers N cuts the decoder to N layers, the real width with 4
 layers is what fits a 2-core machine), converted to --outtype (default the app's, q4_k_m) and
 cached under ~/.cache/phi4mm-bench by bench/decode.py's `ensure_model`. Both sides read the same
-random weights: ours from the converted GGUFs (the decoder in --outtype, the encoders f16 on disk
-and float32 in numpy), transformers from the bf16 checkpoint widened to float32.
+random weights: ours from the converted GGUFs (the decoder in --outtype, the encoders bf16 on disk
+and in memory, computing in float32), transformers from the bf16 checkpoint widened to float32.
 
 Rows: a text question after a ~500-token chat history; an 896x448 image question; a 640x480
 webcam frame at the page's default detail (app/ui/handlers.py WEBCAM_MAX_CROPS); a 5 s and a
@@ -60,7 +61,7 @@ Also printed:
 - the resident memory of our process with the model and both encoders loaded: a separate process
   that loads our engine only (no torch) and asks the image + speech row's question once; its peak
   while answering (VmHWM, reset after loading), after it (and how much of that is file-backed:
-  mapped files), and at the peak of its life (the larger of the loading's ru_maxrss and that). With --layers
+  mapped files), and at the peak of its life (the larger of the loading's VmHWM and that). With --layers
   N < 32 the 32-layer figure is estimated: + (32 - N) x (one layer's tensors in backbone.gguf and
   in both LoRA files, read from the GGUFs, + one layer's KV cache at n_ctx 4096, f16).
 - with --layers N < 32, TTFT estimated at 32 layers: the decoder part of each side (ours:
@@ -85,6 +86,8 @@ def _args(argv=None):
     p.add_argument("--outtype", default="q4_k_m", help="decoder type of the conversion (default q4_k_m, the app's)")
     p.add_argument("--n-ctx", type=int, default=4096)
     p.add_argument("--decode-only", action="store_true", help="only the decode comparison (and the memory)")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only our process's memory (no transformers: the full 32 layers fit)")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)  # a converted folder: measure our RSS, print JSON
     return p.parse_args(argv)
 
@@ -101,7 +104,6 @@ import ast  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import resource  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
@@ -121,6 +123,7 @@ from app.engine_api import AUDIO, IMAGE, Sampling  # noqa: E402
 from app.prompt import Media, Text  # noqa: E402
 from app.voice.assistant import SPOKEN_TURN  # noqa: E402
 from bench.decode import cpu_name, ensure_model, filler, find_decode_prompt  # noqa: E402
+from convert.pipeline import encoder_storage  # noqa: E402
 from tests.signals import random_image, speechlike  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -462,15 +465,22 @@ def rss_bytes() -> int:
 def memory_child(folder: Path, threads: int, n_ctx: int) -> None:
     """Our process alone: load the engine, ask the image + speech question once, print the peak RSS (JSON)."""
     assert "torch" not in sys.modules
+
+    def status() -> dict[str, int]:
+        lines = Path("/proc/self/status").read_text().splitlines()
+        return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in lines) if v.strip().endswith("kB")}
+
+    # VmHWM, the peak resident size, starts again here and after loading. Not ru_maxrss: exec keeps
+    # the parent's peak in it (the parent may hold torch).
+    Path("/proc/self/clear_refs").write_text("5")
     engine = LocalEngine.load(folder, n_ctx=n_ctx, n_threads=threads)
     loaded = rss_bytes()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux: the loading's peak
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM (and ru_maxrss) start again: the peak while answering
+    peak = status()["VmHWM"]                       # the loading's peak
+    Path("/proc/self/clear_refs").write_text("5")
     messages = rows(engine)[-1].make(0)
     usage = engine.generate(messages, Sampling(max_tokens=1)).usage
-    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    file_backed = int(status["RssFile"].split()[0]) * 1024
-    answering = int(status["VmHWM"].split()[0]) * 1024
+    after = status()
+    file_backed, answering = after["RssFile"], after["VmHWM"]
     peak = max(peak, answering)
     print(json.dumps({"loaded": loaded, "after": rss_bytes(), "peak": peak, "answering": answering,
                       "file_backed": file_backed, "tokens": usage.prompt_tokens}))
@@ -505,12 +515,34 @@ def table(head: tuple, body: list[tuple]) -> None:
         print("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
 
 
+def our_memory(folder: Path, args) -> dict:
+    """`memory_child` in a process of its own (no torch in it); prints and returns its figures."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", str(folder),
+                          "--threads", str(args.threads), "--n-ctx", str(args.n_ctx)],
+                         capture_output=True, text=True, env=dict(os.environ), check=False)
+    if out.returncode:
+        print(out.stderr[-3000:], file=sys.stderr)
+        raise RuntimeError("the memory measurement failed")
+    memory = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"our process alone: {memory['loaded'] / GIB:.2f} GiB resident once loaded, at most "
+          f"{memory['answering'] / GIB:.2f} GiB while answering an image + speech question ({memory['tokens']} tokens), "
+          f"{memory['after'] / GIB:.2f} GiB after it ({memory['file_backed'] / GIB:.2f} GiB of it file-backed: mapped "
+          f"files); {memory['peak'] / GIB:.2f} GiB at the peak of the process's life (target {TARGET_GIB:.0f} GiB)",
+          flush=True)
+    return memory
+
+
 def main(args) -> int:
     tiny = args.tiny
     reps = args.reps or (7 if tiny else 3)
     folder = ensure_model(None, tiny, args.layers, args.outtype)
     manifest = json.loads((folder / "manifest.json").read_text())
     checkpoint = Path(manifest["source"])
+    if args.memory_only:
+        print(f"model      {folder} ({manifest['outtype']} decoder, "
+              f"{json.loads((checkpoint / 'config.json').read_text())['num_hidden_layers']} layers)")
+        our_memory(folder, args)
+        return 0
 
     import llama_cpp
     import torch
@@ -523,7 +555,7 @@ def main(args) -> int:
              "kv": config["num_key_value_heads"] * head_dim, "f": config["intermediate_size"], "layers": n_layers,
              "vocab": config["vocab_size"]}
     print(f"model      {folder} ({manifest['outtype']} decoder, {n_layers} layers, width {shape['d']}, "
-          f"vocabulary {shape['vocab']}; encoders f16 on disk, float32 in numpy)")
+          f"vocabulary {shape['vocab']}; encoders {encoder_storage(manifest['outtype'])} on disk and in memory)")
     print(f"reference  {checkpoint} (bf16 -> float32), transformers {transformers.__version__}, "
           f"torch {torch.__version__}, eager attention")
     print(f"machine    {cpu_name()}, {os.cpu_count()} cores, {platform.python_version()}; threads {args.threads} "
@@ -536,18 +568,7 @@ def main(args) -> int:
     print(f"float32 GEMM peak (square 1024..3072, best of 5): numpy {peak_np:.1f} GFLOP/s, "
           f"torch {peak_torch:.1f} GFLOP/s ({time.perf_counter() - t:.0f} s)", flush=True)
 
-    env = dict(os.environ)
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", str(folder),
-                          "--threads", str(args.threads), "--n-ctx", str(args.n_ctx)],
-                         capture_output=True, text=True, env=env, check=False)
-    if out.returncode:
-        print(out.stderr[-3000:], file=sys.stderr)
-        raise RuntimeError("the memory measurement failed")
-    memory = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"our process alone: {memory['loaded'] / GIB:.2f} GiB resident once loaded, at most "
-          f"{memory['answering'] / GIB:.2f} GiB while answering an image + speech question ({memory['tokens']} tokens), "
-          f"{memory['after'] / GIB:.2f} GiB after it ({memory['file_backed'] / GIB:.2f} GiB of it file-backed: mapped "
-          f"files); {memory['peak'] / GIB:.2f} GiB at the peak of the process's life (loading)", flush=True)
+    memory = our_memory(folder, args)
 
     t = time.perf_counter()
     engine = LocalEngine.load(folder, n_ctx=args.n_ctx, n_threads=args.threads)
