@@ -4,7 +4,8 @@ Weights come in PyTorch layout ((out, in) for a Linear) and stay as the file sto
 weight is used as it is (every call is one GEMM `x @ W.T`; BLAS reads the transposed operand at the
 speed of a contiguous copy), a bf16 one is widened to float32 at each call and dropped after it, so
 that only one matrix at a time is ever held in float32 (the real encoders: 1.6 GiB instead of 3.3).
-Widening is one exact shift at ~1.6 G values/s: 0.3 s per forward of each real encoder.
+Widening is one exact shift at ~1.6 G values/s (0.3 s per forward of each real encoder, more with
+the memory traffic: bench/encoders.py's "bf16 file vs f32 file" rows).
 Outputs are updated in place (the buffer is the layer's own).
 """
 from __future__ import annotations
@@ -50,9 +51,14 @@ class Linear:
     def out_features(self) -> int:
         return self.bias.shape[0]
 
+    @property
+    def is_float32(self) -> bool:
+        """W is held as one float32 matrix (`stack` makes float32 weights one block)."""
+        return len(self.blocks) == 1 and self.blocks[0].dtype == np.float32
+
     def weight(self) -> np.ndarray:
         """W (out, in) in float32: the stored matrix itself, or a widened copy."""
-        if len(self.blocks) == 1 and self.blocks[0].dtype == np.float32:
+        if self.is_float32:
             return self.blocks[0]
         out = np.empty((self.out_features, self.blocks[0].shape[1]), np.float32)
         row = 0
@@ -66,9 +72,7 @@ class Linear:
 
     def widened(self) -> "Linear":
         """This Linear with its weight in float32 (itself if it is): for a loop that calls it many times."""
-        if len(self.blocks) == 1 and self.blocks[0].dtype == np.float32:
-            return self
-        return Linear((self.weight(),), (1.0,), self.bias)
+        return self if self.is_float32 else Linear((self.weight(),), (1.0,), self.bias)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         y = x @ self.weight().T
