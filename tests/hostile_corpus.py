@@ -23,7 +23,6 @@ import io
 import re
 import struct
 import wave
-import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tests.signals import voiced
+from tests.signals import encoded, png_header_only, voiced
 
 IMAGE, AUDIO, PROMPT = "image", "audio", "prompt"
 ANSWER, REFUSE = "answer", "refuse"
@@ -117,23 +116,6 @@ def _noise_image(mode: str, size: tuple[int, int], seed: int = 0) -> Image.Image
     return Image.fromarray(pixels, "RGB").convert(mode)
 
 
-def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
-    out = io.BytesIO()
-    image.save(out, fmt, **options)
-    return out.getvalue()
-
-
-def _png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def _bomb_png(width: int, height: int) -> bytes:
-    """A ~100-byte PNG declaring a width x height RGB image (its pixel data is a few zero rows)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + _png_chunk(b"IEND", b""))
-
-
 def images() -> list[Item]:
     """The image corpus."""
     return list(_images())
@@ -142,7 +124,7 @@ def images() -> list[Item]:
 @lru_cache(maxsize=1)
 def _images() -> tuple[Item, ...]:
     photo = _noise_image("RGB", (96, 64))
-    png, jpeg = _encoded(photo, "PNG"), _encoded(photo, "JPEG", quality=90)
+    png, jpeg = encoded(photo, "PNG"), encoded(photo, "JPEG", quality=90)
 
     gradient = (np.linspace(0, 65535, 64 * 48).reshape(48, 64)).astype(np.uint16)
     sixteen = Image.fromarray(gradient)  # mode I;16
@@ -153,30 +135,30 @@ def _images() -> tuple[Item, ...]:
     palette.paste(2, (24, 0, 48, 16))
 
     frames = [Image.new("RGB", (40, 30), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
-    animated = _encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    animated = encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
 
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to show
-    rotated = _encoded(_noise_image("RGB", (80, 40), 1), "JPEG", exif=exif.tobytes())
+    rotated = encoded(_noise_image("RGB", (80, 40), 1), "JPEG", exif=exif.tobytes())
 
     bad = r"damaged|truncated|not an image|cannot identify"
     return (
         Item("empty.png", IMAGE, b"", REFUSE, r"empty", what="0 bytes"),
         Item("truncated.png", IMAGE, png[: len(png) // 2], REFUSE, bad, what="a PNG cut in half"),
         Item("truncated.jpg", IMAGE, jpeg[: len(jpeg) // 2], REFUSE, bad, what="a JPEG cut in half"),
-        Item("bomb-900mp.png", IMAGE, _bomb_png(30_000, 30_000), REFUSE, r"too large",
+        Item("bomb-900mp.png", IMAGE, png_header_only(30_000, 30_000), REFUSE, r"too large",
              what="a 108-byte PNG declaring 30000 x 30000 (Pillow's own bomb limit fires)"),
-        Item("bomb-100mp.png", IMAGE, _bomb_png(10_000, 10_000), REFUSE, r"too large",
+        Item("bomb-100mp.png", IMAGE, png_header_only(10_000, 10_000), REFUSE, r"too large",
              what="a 108-byte PNG declaring 10000 x 10000 (the app's 64 MP limit fires)"),
-        Item("64mp-solid.png", IMAGE, _encoded(Image.new("RGB", (8000, 8000), (120, 30, 200)), "PNG"), REFUSE,
+        Item("64mp-solid.png", IMAGE, encoded(Image.new("RGB", (8000, 8000), (120, 30, 200)), "PNG"), REFUSE,
              CONTEXT_ERROR, heavy=True,
              what="a 200 kB PNG of 8000 x 8000 = 64 MP, just within the pixel limit (9,588 tokens)"),
-        Item("1x1.png", IMAGE, _encoded(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"), ANSWER, what="1 x 1"),
-        Item("20000x20.png", IMAGE, _encoded(_noise_image("RGB", (20_000, 20), 2), "PNG"), ANSWER,
+        Item("1x1.png", IMAGE, encoded(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"), ANSWER, what="1 x 1"),
+        Item("20000x20.png", IMAGE, encoded(_noise_image("RGB", (20_000, 20), 2), "PNG"), ANSWER,
              what="20000 x 20, a 1000:1 strip"),
-        Item("16bit.png", IMAGE, _encoded(sixteen, "PNG"), ANSWER, what="16-bit greyscale PNG"),
-        Item("cmyk.jpg", IMAGE, _encoded(_noise_image("CMYK", (64, 48), 3), "JPEG"), ANSWER, what="CMYK JPEG"),
-        Item("palette-transparent.png", IMAGE, _encoded(palette, "PNG", transparency=0), ANSWER,
+        Item("16bit.png", IMAGE, encoded(sixteen, "PNG"), ANSWER, what="16-bit greyscale PNG"),
+        Item("cmyk.jpg", IMAGE, encoded(_noise_image("CMYK", (64, 48), 3), "JPEG"), ANSWER, what="CMYK JPEG"),
+        Item("palette-transparent.png", IMAGE, encoded(palette, "PNG", transparency=0), ANSWER,
              what="palette PNG with a transparent colour"),
         Item("animated.gif", IMAGE, animated, ANSWER, what="3-frame animated GIF"),
         Item("exif-rotated.jpg", IMAGE, rotated, ANSWER, what="JPEG with EXIF orientation 6"),

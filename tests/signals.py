@@ -1,5 +1,10 @@
-"""Test inputs shared by the tests and the benchmarks: speech-like clips and photo-like images."""
+"""Test inputs shared by the tests and the benchmarks: speech-like clips, photo-like images and
+image files (encoded, or forged PNG headers)."""
 from __future__ import annotations
+
+import io
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -53,3 +58,22 @@ def voiced(seconds: float, rate: int = 16_000, seed: int = 0, level: float = 0.3
     envelope = np.clip(np.sin(2 * np.pi * 3.5 * t), 0, None) ** 0.5
     x = voice * envelope + 0.01 * rng.standard_normal(len(t))
     return level * x / np.abs(x).max()
+
+
+def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    """The image as a file of format `fmt` (Pillow's name: "PNG", "JPEG", ...)."""
+    out = io.BytesIO()
+    image.save(out, fmt, **options)
+    return out.getvalue()
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A ~100-byte PNG that declares a huge 8-bit RGB image (its pixel data is a few zero rows):
+    a decompression bomb's header."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 64)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")

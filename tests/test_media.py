@@ -32,6 +32,7 @@ from app.media import (
 )
 from model.audio_io import MODEL_SAMPLE_RATE, to_model_audio, to_mono
 from model.image_crops import make_crops, to_rgb
+from tests.signals import encoded, png_chunk, png_header_only
 
 
 RATE = 16_000
@@ -51,23 +52,6 @@ def picture(mode: str = "RGB", size: tuple[int, int] = (64, 48)) -> Image.Image:
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (size[1], size[0], len(mode)), dtype=np.uint8)
     return Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode)
-
-
-def encoded(image: Image.Image, fmt: str, **options) -> bytes:
-    out = io.BytesIO()
-    image.save(out, fmt, **options)
-    return out.getvalue()
-
-
-def png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A tiny PNG that declares a huge 8-bit RGB image: a decompression bomb's header."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\0" * 64)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
 
 
 def tone(channels: int = 2, n: int = 1600) -> np.ndarray:
